@@ -1,0 +1,1067 @@
+"""
+qgpt: quantized pre-training of GPT-2, in one readable file.
+
+A reference implementation of Chitsaz, Fournier, Mordido, Chandar, "Exploring Quantization for
+Efficient Pre-Training of Transformer Language Models" (EMNLP Findings 2024), that goes further
+than the paper: the paper only *simulates* quantization; qgpt also stores Adam states in real 8-
+and 4-bit codes and (with kernels.py, on a GPU) runs the Linears on int8 tensor cores.
+
+Run it:
+    python prepare_data.py --tokenizer char       # offline Shakespeare, character level
+    python qgpt.py                                 # CPU baseline, about 2 minutes
+    python qgpt.py --wbits 8 --abits 8             # the paper's w8a8 (simulated)
+    python qgpt.py --preset w8a8g8,m8              # presets combine with commas
+    python qgpt.py --mode sample --prompt "ROMEO:" # sample from out/ckpt.pt
+    python qgpt.py -h                              # every flag
+    python -m pytest test_qgpt.py                  # the tests (CPU only)
+
+How it works:
+ 1. `quantize` maps a float tensor to integer codes with one scale per tensor, row, column or
+    group: scale = absmax / (2^(b-1) - 1), code = clamp(round(x / scale)). Dynamic: the scale is
+    recomputed at every call (PAPER.md, "The quantizer").
+ 2. `FakeQuantize` is quantize-then-dequantize with a straight-through backward: the rounding has
+    zero derivative almost everywhere, so the backward treats it as identity.
+ 3. A Linear has three matmuls: Y = X W^T, dX = G W, dW = G^T X. `QuantizedLinearFunction`
+    quantizes the operands of each one according to a recipe (`paper` or `int8`, see there).
+ 4. `quantize_model` swaps every nn.Linear of the blocks (and the LM head) for a `QLinear`.
+ 5. `QAdamW` keeps AdamW's two moments as integer codes (8 bit, or 4 bit packed two per byte).
+ 6. `train` is a plain nanoGPT loop: accumulation, warmup + cosine, clipping, eval, atomic
+    checkpoints that resume bit-exactly on CPU.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs: main() prints it as one line and exits 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: one dataclass, every field commented; argparse is generated from it.
+
+def opt(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+GRANULARITIES = ["tensor", "row", "column", "group", "channel", "token"]
+
+
+@dataclass
+class Config:
+    # what to do
+    mode: str = opt("train", "train | sample (from out_dir/ckpt.pt) | memory (print the memory table)",
+                    ["train", "sample", "memory"])
+    preset: str = opt("", "comma-separated presets, applied before explicit flags (see PRESETS)")
+    # I/O
+    out_dir: str = opt("out", "folder for ckpt.pt")
+    data_dir: str = opt("data", "folder holding the datasets made by prepare_data.py")
+    dataset: str = opt("shakespeare_char", "dataset folder name under data_dir")
+    init_from: str = opt("scratch", "scratch | resume (from out_dir/ckpt.pt)", ["scratch", "resume"])
+    eval_interval: int = opt(250, "steps between evaluations and checkpoints")
+    eval_iters: int = opt(20, "batches per split in one evaluation")
+    log_interval: int = opt(50, "steps between log lines")
+    # model (GPT-2 shapes)
+    n_layer: int = opt(4, "transformer blocks")
+    n_head: int = opt(4, "attention heads")
+    n_embd: int = opt(128, "model width")
+    block_size: int = opt(64, "context length in tokens")
+    dropout: float = opt(0.0, "dropout probability")
+    bias: bool = opt(True, "biases in Linears and LayerNorms (GPT-2: yes)")
+    # training
+    batch_size: int = opt(12, "sequences per micro-step")
+    grad_accum: int = opt(1, "micro-steps per optimizer step")
+    max_iters: int = opt(2000, "optimizer steps")
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr: float = opt(1e-4, "floor of the cosine decay")
+    warmup_iters: int = opt(100, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (2-D weights only)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.99, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    skip_nonfinite: bool = opt(False, "skip steps with a non-finite loss instead of stopping")
+    # system
+    device: str = opt("auto", "auto | cpu | cuda | mps")
+    compile: bool = opt(False, "torch.compile the model")
+    seed: int = opt(1337, "seed for init, batches and dropout")
+    # quantized Linears (PAPER.md); bits >= 16 means that operand is not quantized
+    recipe: str = opt("paper", "paper (the paper's simulation) | int8 (every scale off the summed axis)",
+                      ["paper", "int8"])
+    wbits: int = opt(32, "weight bits (2-8, or 16/32 = off)")
+    abits: int = opt(32, "activation (Linear input) bits")
+    gbits: int = opt(32, "output-gradient bits")
+    w_granularity: str = opt("row", "paper recipe: weight scales (row = per output channel)", GRANULARITIES)
+    a_granularity: str = opt("row", "paper recipe: activation scales (row = per token)", GRANULARITIES)
+    g_granularity: str = opt("row", "paper recipe: gradient scales (row = per token)", GRANULARITIES)
+    group_size: int = opt(64, "elements per group for granularity 'group'")
+    a_asymmetric: bool = opt(False, "paper recipe: asymmetric (zero point) activation quantizer")
+    g_matmuls: str = opt("wgrad", "backward matmuls that get the quantized gradient", ["wgrad", "dgrad", "both"])
+    quantize_head: bool = opt(True, "quantize the LM head too (the paper does)")
+    backend: str = opt("auto", "int8 recipe: sim (PyTorch) | triton (int8 kernels) | auto", ["auto", "sim", "triton"])
+    diag_interval: int = opt(0, "print a quantization diagnostics table every N steps (0 = off)")
+    # optimizer states (QAdamW)
+    m_bits: int = opt(32, "Adam first-moment bits: 32, 16, 8, 4")
+    v_bits: int = opt(32, "Adam second-moment bits: 32, 16, 8, 4")
+    m_granularity: str = opt("block", "first-moment scales: tensor | row | block", ["tensor", "row", "block"])
+    v_granularity: str = opt("block", "second-moment scales: tensor | row | block", ["tensor", "row", "block"])
+    state_block_size: int = opt(128, "elements per scale for granularity 'block'")
+    v_map: str = opt("sqrt", "second-moment code map: linear (the paper's; 0 is a level) | "
+                     "zerofree (no zero level) | sqrt (sqrt(v), zero-free)", ["linear", "zerofree", "sqrt"])
+    # sampling
+    prompt: str = opt("\n", "start text for sampling")
+    num_samples: int = opt(1, "samples to draw")
+    max_new_tokens: int = opt(200, "tokens per sample")
+    temperature: float = opt(0.8, "sampling temperature")
+    top_k: int = opt(50, "sample among the k most likely tokens (0 = all)")
+
+
+# Presets: model/training sizes and the paper's quantization configurations. Combine with commas.
+PRESETS = {
+    "cpu": {},  # the defaults: a 0.8M-parameter char model, about 2 minutes on 2 cores
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, grad_accum=32,
+                 max_iters=300000, lr=6e-4, min_lr=6e-5, warmup_iters=1000, beta2=0.95,
+                 weight_decay=0.1, grad_clip=1.0, dataset="shakespeare", eval_interval=1000,
+                 eval_iters=100, log_interval=10),
+    "baseline": dict(wbits=32, abits=32, gbits=32),
+    "w8": dict(wbits=8, w_granularity="row"), "w8t": dict(wbits=8, w_granularity="tensor"),
+    "w4": dict(wbits=4, w_granularity="row"), "w4t": dict(wbits=4, w_granularity="tensor"),
+    "a8": dict(abits=8, a_granularity="row"), "a8t": dict(abits=8, a_granularity="tensor"),
+    "a4": dict(abits=4, a_granularity="row"), "a4t": dict(abits=4, a_granularity="tensor"),
+    "g8": dict(gbits=8, g_granularity="row"), "g8t": dict(gbits=8, g_granularity="tensor"),
+    "w8a8": dict(wbits=8, abits=8, w_granularity="row", a_granularity="row"),
+    "w8a8g8": dict(wbits=8, abits=8, gbits=8, w_granularity="row", a_granularity="row", g_granularity="row"),
+    "int8": dict(recipe="int8", wbits=8, abits=8, gbits=8, g_matmuls="both"),
+    "m8": dict(m_bits=8, m_granularity="tensor"), "m8c": dict(m_bits=8, m_granularity="row"),
+    "m4": dict(m_bits=4, m_granularity="tensor"), "m4c": dict(m_bits=4, m_granularity="row"),
+    "v8": dict(v_bits=8, v_granularity="tensor", v_map="linear"), "v8sqrt": dict(v_bits=8, v_map="sqrt"),
+    "adam8": dict(m_bits=8, v_bits=8), "adam4": dict(m_bits=4, v_bits=4),
+}
+
+
+def build_parser(show_defaults=True):
+    """argparse from Config. With show_defaults=False, only flags given explicitly are returned."""
+    parser = argparse.ArgumentParser(
+        description="qgpt: quantized GPT-2 pre-training (see the module docstring).",
+        epilog="presets: " + ", ".join(PRESETS), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None if show_defaults else argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        kwargs = dict(help=f.metadata["help"])
+        if show_defaults:
+            kwargs["default"] = f.default
+        if isinstance(f.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = type(f.default)
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name, **kwargs)
+    return parser
+
+
+def parse_config(argv=None):
+    """Defaults, then presets (each printed), then the flags given explicitly on the command line."""
+    build_parser().parse_args(argv)  # -h, and errors for unknown flags or bad values
+    given = vars(build_parser(show_defaults=False).parse_args(argv))
+    cfg = Config()
+    for name in [p for p in given.get("preset", "").split(",") if p]:
+        if name not in PRESETS:
+            raise UserError(f"unknown preset '{name}'; choose from: {', '.join(PRESETS)}")
+        print(f"preset {name}: " + (", ".join(f"{k}={v}" for k, v in PRESETS[name].items()) or "defaults"))
+        cfg = dataclasses.replace(cfg, **PRESETS[name])
+    return dataclasses.replace(cfg, **given)
+
+
+def validate_config(cfg):
+    """Refuse configurations that cannot run, with one line that says what to change."""
+    for name in ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_iters",
+                 "eval_interval", "log_interval", "state_block_size", "group_size"]:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.max_iters < 0:
+        raise UserError(f"--max_iters must be >= 0, got {cfg.max_iters}")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    for name in ["wbits", "abits", "gbits"]:
+        bits = getattr(cfg, name)
+        if not (2 <= bits <= 8 or bits in (16, 32)):
+            raise UserError(f"--{name} {bits} is not supported: use 2..8, or 16/32 for no quantization")
+    for name in ["m_bits", "v_bits"]:
+        if getattr(cfg, name) not in (4, 8, 16, 32):
+            raise UserError(f"--{name} {getattr(cfg, name)} is not supported: use 4, 8, 16 or 32")
+    if cfg.recipe == "paper":
+        for name in ["w_granularity", "a_granularity", "g_granularity"]:
+            if canonical_granularity(getattr(cfg, name)) == "group":
+                for width in {cfg.n_embd, 4 * cfg.n_embd}:
+                    if width % cfg.group_size:
+                        raise UserError(f"--group_size {cfg.group_size} does not divide the width {width}")
+    if cfg.backend == "triton" and cfg.recipe != "int8":
+        raise UserError("--backend triton runs the int8 recipe only: add --recipe int8 (or --preset int8)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization primitives (PAPER.md, "The quantizer"). Pure functions; courses blank these out.
+
+def canonical_granularity(granularity):
+    """The paper's names are aliases: per-channel (weights) and per-token (activations) are rows."""
+    return {"channel": "row", "token": "row"}.get(granularity, granularity)
+
+
+def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=1e-5):
+    """Linear quantization of `x` to `bits`-bit signed integer codes.  # SEAM: quantize
+
+    Returns (codes, scale, zero_point):
+      codes       int8, same shape as x, in [-2^(b-1), 2^(b-1) - 1]
+      scale       fp32, shaped to broadcast against x: () tensor, (R, 1) row, (1, C) column,
+                  or (R, C // group_size, 1) group (against x viewed as (R, C // g, g))
+      zero_point  None when symmetric; else fp32 integer values shaped like scale
+    Symmetric: scale = max|x| / (2^(b-1) - 1). Asymmetric: scale = (max - min) / (2^b - 1) and the
+    zero point shifts min onto the lowest code. The max (or range) is floored at `absmax_floor`
+    so an all-zero group gives scale = floor and codes 0, never 0/0 = NaN.
+    """
+    granularity = canonical_granularity(granularity)
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8 for int8 codes, got {bits}")
+    xf = x.float()
+    if granularity == "tensor":
+        view, dims = xf, None
+    elif granularity in ("row", "column", "group"):
+        if x.dim() != 2:
+            raise ValueError(f"granularity '{granularity}' needs a 2-D tensor, got shape {tuple(x.shape)}")
+        view, dims = xf, (1 if granularity == "row" else 0)
+        if granularity == "group":
+            if not group_size or x.shape[1] % group_size:
+                raise ValueError(f"group_size {group_size} must divide the row length {x.shape[1]}")
+            view, dims = xf.view(x.shape[0], x.shape[1] // group_size, group_size), 2
+    else:
+        raise ValueError(f"unknown granularity '{granularity}'; use tensor, row, column or group")
+
+    def reduce(fn, t):  # max or min over the elements that share one scale, kept broadcastable
+        return fn(t) if dims is None else fn(t, dim=dims, keepdim=True)
+
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if symmetric:
+        absmax = reduce(torch.amax, view.abs()).clamp(min=absmax_floor)
+        scale = absmax / qmax
+        zero_point = None
+        shifted = torch.round(view / scale)
+    else:
+        low, high = reduce(torch.amin, view), reduce(torch.amax, view)
+        scale = (high - low).clamp(min=absmax_floor) / (qmax - qmin)
+        zero_point = qmin - torch.round(low / scale)
+        shifted = torch.round(view / scale) + zero_point
+    # Clamp while still float: casting 128.0 to int8 would wrap around to -128.
+    codes = shifted.clamp(qmin, qmax).to(torch.int8).view(x.shape)
+    return codes, scale, zero_point
+
+
+def dequantize(codes, scale, zero_point=None):
+    """x_hat = (codes - zero_point) * scale, in fp32 with the shape of codes.  # SEAM: dequantize"""
+    q = codes.float()
+    if scale.dim() == 3:  # group scales (R, C // g, 1): view the codes as (R, C // g, g)
+        q = q.view(scale.shape[0], scale.shape[1], -1)
+    if zero_point is not None:
+        q = q - zero_point
+    return (q * scale).view(codes.shape)
+
+
+class FakeQuantize(torch.autograd.Function):
+    """x -> dequantize(quantize(x)) with a straight-through backward.  # SEAM: fake_quantize
+
+    Backward: identity. The scale is recomputed from the tensor itself (absmax), so every element
+    lies inside the representable range and nothing is ever clipped; with a fixed or learned scale,
+    elements outside the range would be clipped and the usual STE gives them zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bits, granularity, symmetric=True, group_size=None, absmax_floor=1e-5):
+        return dequantize(*quantize(x, bits, granularity, symmetric, group_size, absmax_floor)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None, None, None, None
+
+
+def fake_quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=1e-5):
+    """Straight-through fake quantization; bits >= 16 returns x unchanged."""
+    if bits >= 16:
+        return x
+    return FakeQuantize.apply(x, bits, granularity, symmetric, group_size, absmax_floor)
+
+
+def quantization_stats(x, bits, granularity="row", symmetric=True, group_size=None, absmax_floor=1e-5):
+    """Diagnostics of one quantization: relative error, saturation, and nonzeros rounded to 0."""
+    codes, scale, zero_point = quantize(x, bits, granularity, symmetric, group_size, absmax_floor)
+    x = x.float()
+    x_hat = dequantize(codes, scale, zero_point)
+    qmax = 2 ** (bits - 1) - 1
+    nonzero = x != 0
+    return {"rel_err": ((x - x_hat).norm() / x.norm().clamp(min=1e-30)).item(),
+            "saturated": (codes.abs() >= qmax).float().mean().item(),
+            "zeroed": ((x_hat == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1)}
+
+
+def compare(name, actual, expected, rtol=0.0, atol=0.0):
+    """Print and return whether two tensors are exact, close (within rtol/atol), or differ."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    if actual.shape != expected.shape:
+        print(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+        return False
+    diff = (actual.double() - expected.double()).abs()
+    max_diff = diff.max().item() if diff.numel() else 0.0
+    exact = torch.equal(actual, expected)
+    close = exact or bool((diff <= atol + rtol * expected.double().abs()).all())
+    print(f"{name}: {'exact' if exact else 'close' if close else 'DIFFERENT'}, max |diff| {max_diff:.3g}")
+    return close
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantized Linear: three matmuls, each operand quantized by a recipe.
+
+class SimBackend:
+    """Plain PyTorch: the reference the Triton backend (kernels.py) must match, same signatures."""
+    name = "sim"
+
+    @staticmethod
+    def quantize_rows(x, bits, absmax_floor):
+        """(M, K) float -> int8 codes (M, K), fp32 scale (M, 1): one scale per row."""
+        codes, scale, _ = quantize(x, bits, "row", absmax_floor=absmax_floor)
+        return codes, scale
+
+    @staticmethod
+    def int8_matmul(a_codes, a_scale, b_codes, b_scale, bias=None, out_dtype=torch.float32):
+        """(A @ B) * a_scale[:, None] * b_scale[None, :] + bias for A (M, K), B (K, N) int8 codes.
+
+        Float matmul of the dequantized codes: the fake-quant math (exact integer products,
+        summed in fp32; kernels.py sums in int32, so they differ only by fp32 rounding).
+        """
+        out = (a_codes.float() * a_scale.view(-1, 1)) @ (b_codes.float() * b_scale.view(1, -1))
+        return (out if bias is None else out + bias).to(out_dtype)
+
+
+GRAD_FLOOR = 1e-9  # gradients are tiny: a 1e-5 floor on their absmax would zero whole rows
+
+
+def _matmul_abt(a, b, backend, bias=None, out_dtype=torch.float32):
+    """a @ b^T, where a (M, K) and b (N, K) are each a float tensor or a (codes, row scales) pair.
+
+    Two quantized operands run through the backend's int8 matmul; one quantized operand is
+    dequantized and multiplied in float.
+    """
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return backend.int8_matmul(a[0], a[1], b[0].t(), b[1], bias, out_dtype)
+    a = dequantize(*a) if isinstance(a, tuple) else a
+    b = dequantize(*b) if isinstance(b, tuple) else b
+    return F.linear(a.to(out_dtype), b.to(out_dtype), None if bias is None else bias.to(out_dtype))
+
+
+class QuantizedLinearFunction(torch.autograd.Function):
+    """Y = X W^T + b with quantized operands. X is (M, K) tokens x features, W is (N, K).
+
+    Recipe `paper` (the paper's simulation, PAPER.md):
+      forward  Y  = fq(X, per token) fq(W, per output channel)^T   (granularities are flags)
+      backward dW = fq(G, per token)^T X   and  dX = G W            (--g_matmuls moves/adds fq(G))
+      The backward uses the saved *unquantized* X and W (straight-through), as the authors' code.
+
+    Recipe `int8` (real-int8-compatible): every scale runs along a dimension the matmul does NOT
+    sum over, so the scales factor out of the sum and an int8 kernel computes exactly this math:
+      forward  Y  = X W^T : X per row (token, M),        W per row (output channel, N); sums over K
+      backward dX = G W   : G per row (token, M),        W per column (input feature, K); sums over N
+               dW = G^T X : G per column (out chan, N),  X per column (input feature, K); sums over M
+      So W and G are quantized again along other axes in the backward: a per-output-channel scale of
+      W would sit inside the sum over N of dX = G W and could not be taken out of an int32 sum.
+      Saved for the backward: W (a parameter, no copy) and, when dW is quantized, X's per-column
+      int8 codes and scales instead of X itself (1 byte per element instead of 2 or 4).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg, backend, stats):
+        out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        ctx.cfg, ctx.backend, ctx.stats, ctx.has_bias = cfg, backend, stats, bias is not None
+        ctx.out_dtype, ctx.x_dtype, ctx.w_dtype = out_dtype, x.dtype, weight.dtype
+        if stats is not None:
+            _record_stats(stats, "W", weight, cfg.wbits, cfg.w_granularity, cfg)
+            _record_stats(stats, "X", x, cfg.abits, cfg.a_granularity, cfg)
+        if cfg.recipe == "paper":
+            x_hat = fake_quantize(x, cfg.abits, cfg.a_granularity, not cfg.a_asymmetric, cfg.group_size)
+            w_hat = fake_quantize(weight, cfg.wbits, cfg.w_granularity, True, cfg.group_size)
+            ctx.save_for_backward(x, weight)
+            return F.linear(x_hat.to(out_dtype), w_hat.to(out_dtype), None if bias is None else bias.to(out_dtype))
+        quantize_rows = backend.quantize_rows
+        xq = quantize_rows(x, cfg.abits, 1e-5) if cfg.abits < 16 else x  # (M, K) -> int8, (M, 1)
+        wq = quantize_rows(weight, cfg.wbits, 1e-5) if cfg.wbits < 16 else weight  # (N, K) -> int8, (N, 1)
+        if _g_quantized(cfg, "wgrad") and cfg.abits < 16:
+            ctx.x_saved = quantize_rows(x.t(), cfg.abits, 1e-5)  # X^T (K, M) -> int8, scale (K, 1)
+            ctx.save_for_backward(weight)
+        else:
+            ctx.x_saved = None
+            ctx.save_for_backward(weight, x)
+        return _matmul_abt(xq, wq, backend, bias, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cfg, backend = ctx.cfg, ctx.backend
+        g = grad_out.contiguous()  # G (M, N)
+        if ctx.stats is not None and cfg.gbits < 16:
+            _record_stats(ctx.stats, "G", g, cfg.gbits, cfg.g_granularity, cfg, GRAD_FLOOR)
+        grad_bias = g.sum(0).to(ctx.w_dtype) if ctx.has_bias else None  # bias gradient: full precision
+        if cfg.recipe == "paper":
+            x, weight = ctx.saved_tensors
+            g_hat = fake_quantize(g, cfg.gbits, cfg.g_granularity, True, cfg.group_size, GRAD_FLOOR)
+            g_dgrad = g_hat if _g_quantized(cfg, "dgrad") else g
+            g_wgrad = g_hat if _g_quantized(cfg, "wgrad") else g
+            grad_x = g_dgrad.to(ctx.out_dtype) @ weight.to(ctx.out_dtype)  # (M, N) @ (N, K)
+            grad_w = g_wgrad.t().to(ctx.out_dtype) @ x.to(ctx.out_dtype)  # (N, M) @ (M, K)
+            return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None
+        weight = ctx.saved_tensors[0]
+        quantize_rows = backend.quantize_rows
+        if _g_quantized(cfg, "dgrad"):  # dX = G W: G per token, W per input feature (rows of W^T)
+            a = quantize_rows(g, cfg.gbits, GRAD_FLOOR)
+            b = quantize_rows(weight.t(), cfg.wbits, 1e-5) if cfg.wbits < 16 else weight.t()
+            grad_x = _matmul_abt(a, b, backend, None, ctx.out_dtype)
+        else:
+            grad_x = g.to(ctx.out_dtype) @ weight.to(ctx.out_dtype)
+        if _g_quantized(cfg, "wgrad"):  # dW = G^T X: G per output channel, X per input feature
+            a = quantize_rows(g.t(), cfg.gbits, GRAD_FLOOR)
+            b = ctx.x_saved if ctx.x_saved is not None else ctx.saved_tensors[1].t()
+            grad_w = _matmul_abt(a, b, backend, None, ctx.out_dtype)
+        else:
+            grad_w = g.t().to(ctx.out_dtype) @ ctx.saved_tensors[1].to(ctx.out_dtype)
+        ctx.x_saved = None
+        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None
+
+
+def _g_quantized(cfg, matmul):
+    """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes the quantized gradient."""
+    return cfg.gbits < 16 and cfg.g_matmuls in (matmul, "both")
+
+
+def _record_stats(stats, operand, x, bits, granularity, cfg, floor=1e-5):
+    if bits < 16:
+        if cfg.recipe == "int8":
+            granularity = "row"
+        stats[operand] = quantization_stats(x.detach(), bits, granularity, True, cfg.group_size, floor)
+
+
+class QLinear(nn.Linear):
+    """nn.Linear whose matmuls go through QuantizedLinearFunction. Shares its parameters."""
+
+    def __init__(self, in_features, out_features, bias, cfg, backend):
+        super().__init__(in_features, out_features, bias=bias, device="meta")
+        self.cfg, self.backend = cfg, backend
+        self.stats = None  # set to {} to record diagnostics on the next forward/backward
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (B*T, C)
+        y = QuantizedLinearFunction.apply(x2, self.weight, self.bias, self.cfg, self.backend, self.stats)
+        return y.view(*x.shape[:-1], -1)
+
+
+def quantize_model(model, cfg, backend=SimBackend):
+    """Swap every nn.Linear (the LM head too, unless cfg.quantize_head is False) for a QLinear.
+
+    The QLinear takes over the same Parameter objects, so the tied wte/lm_head weight stays tied
+    and the optimizer and checkpoints see the same parameters. Returns the names swapped.
+    """
+    swapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or (child_name == "lm_head" and not cfg.quantize_head):
+                continue
+            q = QLinear(child.in_features, child.out_features, child.bias is not None, cfg, backend)
+            q.weight, q.bias = child.weight, child.bias
+            setattr(parent, child_name, q)
+            swapped.append(f"{parent_name}.{child_name}".lstrip("."))
+    return swapped
+
+
+def select_backend(cfg, device):
+    """The int8 recipe's backend: Triton kernels on a CUDA GPU that has int8 tensor cores."""
+    if cfg.recipe != "int8" or cfg.backend == "sim":
+        return SimBackend
+    reason = None
+    if device.type != "cuda":
+        reason = "no CUDA device"
+    elif torch.cuda.get_device_capability(device) < (8, 0):
+        reason = "GPU older than sm80 (no int8 tl.dot)"
+    else:
+        try:
+            import kernels
+            if kernels.triton is None:
+                reason = "triton is not installed"
+        except ImportError as e:
+            reason = f"kernels.py could not be imported ({e})"
+    if reason is None:
+        print("backend: Triton int8 kernels (kernels.py)")
+        return kernels.TritonBackend
+    if cfg.backend == "triton":
+        raise UserError(f"--backend triton needs a CUDA GPU (sm80+) with triton installed: {reason}")
+    print(f"backend: simulated int8 in PyTorch ({reason})")
+    return SimBackend
+
+
+def _stat_cell(stats, operand, key):
+    return f"{stats[operand][key]:8.4f}" if operand in stats else f"{'-':>8s}"
+
+
+def diagnostics_table(model):
+    """One line per quantized layer: relative error of W, X, G and gradient entries zeroed."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, QLinear) and module.stats:
+            cells = [_stat_cell(module.stats, operand, key) for operand, key in
+                     [("W", "rel_err"), ("X", "rel_err"), ("X", "saturated"), ("G", "rel_err"), ("G", "zeroed")]]
+            rows.append(f"{name:28s} " + " ".join(cells))
+    head = f"{'layer':28s} {'W err':>8s} {'X err':>8s} {'X sat':>8s} {'G err':>8s} {'G->0':>8s}"
+    return "\n".join([head] + rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPT-2 model (nanoGPT's layout and names).
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=True)  # (B, nh, T, hs); not quantized
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.block_size = cfg.block_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias)))
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input embedding and LM head
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None):
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.block_size:])
+            logits = logits[:, -1, :].float() / max(temperature, 1e-6)
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits[logits < kth] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# QAdamW: AdamW whose moments are stored as real 8- or 4-bit codes (PAPER.md, "Optimizer states").
+
+def pack_4bit(codes):
+    """uint8 codes in [0, 15], flat (n,) -> uint8 (ceil(n / 2),): two codes per byte.  # SEAM: pack_4bit"""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    pairs = codes.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_4bit(packed, numel):
+    """Inverse of pack_4bit: uint8 (ceil(n / 2),) -> uint8 codes (numel,).  # SEAM: unpack_4bit"""
+    return torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[:numel]
+
+
+def _state_rows(x, granularity, block_size):
+    """View a state tensor as 2-D rows that share one scale each (padding the last block)."""
+    flat = x.reshape(-1)
+    if granularity == "tensor":
+        return flat.view(1, -1)
+    if granularity == "row":
+        return flat.view(x.shape[0], -1)
+    pad = (-flat.numel()) % block_size
+    return torch.cat([flat, flat.new_zeros(pad)]).view(-1, block_size)
+
+
+def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="linear"):
+    """fp32 moment -> dict of plain tensors (codes, scale).  # SEAM: encode_state
+
+    Signed (first moment m): symmetric absmax codes from `quantize`, stored with an offset of
+    2^(b-1) as unsigned bytes (or nibbles). Unsigned (second moment v >= 0): all 2^b levels cover
+    [0, max], none wasted on negatives. v_map 'linear' puts a level at 0 (the paper's map: small v
+    round to 0 and m / (sqrt(0) + eps) explodes); 'zerofree' shifts the levels up by one step so
+    the smallest is max / 2^b; 'sqrt' stores sqrt(v) zero-free, which also halves the dynamic range.
+    """
+    if bits == 32:
+        return {"value": x.clone()}
+    if bits == 16:
+        return {"value": x.to(torch.bfloat16)}
+    rows = _state_rows(x.float(), granularity, block_size)
+    if signed:
+        codes, scale, _ = quantize(rows, bits, "row", absmax_floor=1e-30)
+        codes = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)  # [-2^(b-1), 2^(b-1)) -> [0, 2^b)
+    else:
+        u = rows.sqrt() if v_map == "sqrt" else rows
+        offset = 0 if v_map == "linear" else 1  # zero-free maps: code c means (c + 1) * scale
+        levels = 2 ** bits - 1
+        scale = u.amax(dim=1, keepdim=True).clamp(min=1e-30) / (levels + offset)
+        codes = (torch.round(u / scale) - offset).clamp(0, levels).to(torch.uint8)
+    codes = codes.view(-1)
+    return {"codes": pack_4bit(codes) if bits == 4 else codes, "scale": scale}
+
+
+def decode_state(state, shape, bits, signed, v_map="linear"):
+    """Inverse of encode_state: dict -> fp32 tensor of `shape`.  # SEAM: decode_state"""
+    if bits in (16, 32):
+        return state["value"].float()
+    scale = state["scale"]
+    numel = scale.shape[0] * (-(-math.prod(shape) // scale.shape[0]))  # padded length
+    codes = unpack_4bit(state["codes"], numel) if bits == 4 else state["codes"]
+    q = codes.view(scale.shape[0], -1).float()
+    if signed:
+        x = (q - 2 ** (bits - 1)) * scale
+    else:
+        x = (q + (0 if v_map == "linear" else 1)) * scale
+        x = x * x if v_map == "sqrt" else x
+    return x.view(-1)[:math.prod(shape)].view(shape)
+
+
+class QAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias correction) with moments stored in m_bits / v_bits.
+
+    Each step decodes m and v to fp32, does torch.optim.AdamW's arithmetic in the same order,
+    and encodes them again. Only 2-D tensors with at least `min_size` elements are quantized;
+    biases, LayerNorm weights and small tensors keep fp32 moments (a few KB; their statistics
+    differ from the weights' and quantizing them saves nothing).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, m_bits=32,
+                 v_bits=32, m_granularity="block", v_granularity="block", block_size=128, v_map="sqrt",
+                 min_size=4096):
+        for bits in (m_bits, v_bits):
+            if bits not in (4, 8, 16, 32):
+                raise ValueError(f"state bits must be 4, 8, 16 or 32, got {bits}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m_bits=m_bits,
+                        v_bits=v_bits, m_granularity=m_granularity, v_granularity=v_granularity,
+                        block_size=block_size, v_map=v_map, min_size=min_size)
+        super().__init__(params, defaults)
+        for group in self.param_groups:  # states exist from the start, so memory can be measured
+            for p in group["params"]:
+                self._init_state(p, group)
+
+    def _widths(self, p, group):
+        quantized = p.dim() == 2 and p.numel() >= group["min_size"]
+        return (group["m_bits"], group["v_bits"]) if quantized else (32, 32)
+
+    def _init_state(self, p, group):
+        m_bits, v_bits = self._widths(p, group)
+        zeros = torch.zeros_like(p, dtype=torch.float32)
+        self.state[p] = {"step": torch.tensor(0.0),
+                         **{"m_" + k: t for k, t in self._encode(zeros, m_bits, True, group).items()},
+                         **{"v_" + k: t for k, t in self._encode(zeros, v_bits, False, group).items()}}
+
+    @staticmethod
+    def _encode(x, bits, signed, group):
+        granularity = group["m_granularity"] if signed else group["v_granularity"]
+        if granularity == "row" and x.dim() != 2:
+            granularity = "tensor"
+        return encode_state(x, bits, signed, granularity, group["block_size"], group["v_map"])
+
+    @staticmethod
+    def _substate(state, prefix):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, state = p.grad.float(), self.state[p]
+                m_bits, v_bits = self._widths(p, group)
+                m = decode_state(self._substate(state, "m_"), p.shape, m_bits, True)
+                v = decode_state(self._substate(state, "v_"), p.shape, v_bits, False, group["v_map"])
+                state["step"] += 1
+                step = state["step"].item()
+                # the arithmetic of torch.optim.AdamW (single-tensor path), operation by operation
+                p.mul_(1 - lr * wd)
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr / (1 - beta1 ** step)
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+                p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-step_size)
+                state.update({"m_" + k: t for k, t in self._encode(m, m_bits, True, group).items()})
+                state.update({"v_" + k: t for k, t in self._encode(v, v_bits, False, group).items()})
+        return loss
+
+    def load_state_dict(self, state_dict):
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for key in ("m_bits", "v_bits", "m_granularity", "v_granularity", "block_size", "v_map"):
+                if saved.get(key) != group[key]:
+                    raise UserError(f"the optimizer state was saved with {key}={saved.get(key)} but this run "
+                                    f"uses {key}={group[key]}: use the same --{key} to resume, or start "
+                                    f"from scratch")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # torch casts float states to the parameter's dtype: undo for bf16
+            for p in group["params"]:
+                state = self.state[p]
+                for prefix, bits in zip(("m_", "v_"), self._widths(p, group)):
+                    if bits == 16:
+                        state[prefix + "value"] = state[prefix + "value"].to(torch.bfloat16)
+
+
+def state_bytes(optimizer):
+    """Bytes held by each Adam moment, summed over the actual state tensors."""
+    totals = {"m": 0, "v": 0}
+    for state in optimizer.state.values():
+        for key, t in state.items():
+            if key[:2] in ("m_", "v_"):
+                totals[key[0]] += t.numel() * t.element_size()
+    return totals
+
+
+def memory_table(model, optimizer):
+    """Bytes per parameter of weights, gradients and each Adam state, measured on the tensors."""
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum((p.grad if p.grad is not None else p).numel() * p.element_size() for p in params)
+    states = state_bytes(optimizer)
+    lines = [f"memory for {n / 1e6:.2f}M parameters     MB  bytes/param"]
+    for name, b in [("weights", weights), ("gradients", grads), ("adam m", states["m"]),
+                    ("adam v", states["v"]), ("total", weights + grads + states["m"] + states["v"])]:
+        lines.append(f"  {name:28s}{b / 2 ** 20:8.1f}  {b / n:6.3f}")
+    return "\n".join(lines)
+
+
+def make_optimizer(model, cfg):
+    """Weight decay on 2-D weights only (not on biases and LayerNorm), as GPT-2 / the paper."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return QAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), m_bits=cfg.m_bits, v_bits=cfg.v_bits,
+                  m_granularity=cfg.m_granularity, v_granularity=cfg.v_granularity,
+                  block_size=cfg.state_block_size, v_map=cfg.v_map)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: uint16 token files made by prepare_data.py.
+
+def load_data(cfg):
+    """Memmap train.bin / val.bin of cfg.dataset; one clear error if they are missing or stale."""
+    folder = os.path.join(cfg.data_dir, cfg.dataset)
+    hint = (f"run `python prepare_data.py{' --tokenizer char' if cfg.dataset.endswith('_char') else ''}` "
+            f"to make it")
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise UserError(f"dataset '{cfg.dataset}' not found (no {meta_path}): {hint}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        vocab_size = int(meta["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is unreadable or stale ({e}): {hint} again")
+    data = {}
+    for split in ("train", "val"):
+        path = os.path.join(folder, f"{split}.bin")
+        if not os.path.isfile(path) or os.path.getsize(path) < 2 * (cfg.block_size + 1):
+            raise UserError(f"{path} is missing or shorter than one block of {cfg.block_size + 1} tokens: {hint}")
+        data[split] = np.memmap(path, dtype=np.uint16, mode="r")
+        if split == "train" and int(data[split].max()) >= vocab_size:
+            raise UserError(f"{path} holds token ids >= vocab_size {vocab_size} of meta.json: {hint} again")
+    return data, meta
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """(B, T) inputs and next-token targets from random offsets drawn with `generator`."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training, evaluation, checkpoints, sampling.
+
+def get_lr(it, cfg):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.max_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
+
+
+def autocast_context(device):
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def build_model(cfg, vocab_size, device):
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg, vocab_size)
+    backend = select_backend(cfg, device)
+    if min(cfg.wbits, cfg.abits, cfg.gbits) <= 8:
+        swapped = quantize_model(model, cfg, backend)
+        print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} g{cfg.gbits})")
+    return model.to(device)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, device):
+    """Mean loss over cfg.eval_iters batches per split; its own generator leaves training's alone."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = [model(*get_batch(data[split], cfg.batch_size, cfg.block_size, gen, device))[1].item()
+                  for _ in range(cfg.eval_iters)]
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta):
+    """Write to a temporary file, then rename: a crash leaves the previous checkpoint intact."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+            "iter": it, "best_val": best_val, "meta": meta, "rng_cpu": torch.get_rng_state(),
+            "rng_batches": batch_gen.get_state()}
+    if torch.cuda.is_available():
+        ckpt["rng_cuda"] = torch.cuda.get_rng_state_all()
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train first (python qgpt.py), or point --out_dir at one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt file
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt or truncated")
+
+
+def train(cfg):
+    """Train cfg; returns {'losses': [per-step train loss], 'evals': [(step, train, val)], ...}."""
+    validate_config(cfg)
+    device = pick_device(cfg.device)
+    data, meta = load_data(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not os.access(cfg.out_dir, os.W_OK):
+        raise UserError(f"output folder {cfg.out_dir} is not writable: choose another with --out_dir")
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    model = build_model(cfg, meta["vocab_size"], device)
+    optimizer = make_optimizer(model, cfg)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    start, best_val = 0, float("inf")
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, best_val = ckpt["iter"], ckpt["best_val"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        batch_gen.set_state(ckpt["rng_batches"])
+        if "rng_cuda" in ckpt and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        print(f"resumed from {ckpt_path} at step {start}")
+    else:
+        torch.manual_seed(cfg.seed)
+    print(memory_table(model, optimizer))
+    run_model = model
+    if cfg.compile:
+        try:
+            run_model = torch.compile(model)
+        except Exception as e:
+            print(f"torch.compile unavailable ({type(e).__name__}); running eagerly")
+    stop = {"signal": False}
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))
+    history = {"losses": [], "evals": [], "skipped": 0, "diverged_at": None, "tokens_per_s": 0.0}
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    t0 = t_start = time.time()
+    try:
+        for it in range(start, cfg.max_iters + 1):
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters or stop["signal"]:
+                losses = evaluate(run_model, data, cfg, device)
+                history["evals"].append((it, losses["train"], losses["val"]))
+                best_val = min(best_val, losses["val"])
+                print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if it > start or stop["signal"]:
+                    save_checkpoint(ckpt_path, model, optimizer, cfg, it, best_val, batch_gen, meta)
+                if stop["signal"]:
+                    print(f"interrupted: saved step {it} to {ckpt_path}; continue with --init_from resume")
+                    break
+            if it == cfg.max_iters:
+                break
+            lr = get_lr(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            diagnose = cfg.diag_interval and it % cfg.diag_interval == 0
+            for module in model.modules():
+                if isinstance(module, QLinear):
+                    module.stats = {} if diagnose else None
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, batch_gen, device)
+                with autocast_context(device):
+                    _, loss = run_model(x, y)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            else:
+                grad_norm = torch.tensor(0.0)
+            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+                if not cfg.skip_nonfinite:
+                    history["diverged_at"] = it
+                    print(f"step {it}: non-finite loss or gradient (recipe {cfg.recipe}, w{cfg.wbits} a{cfg.abits} "
+                          f"g{cfg.gbits} m{cfg.m_bits} v{cfg.v_bits}); stopping, last checkpoint kept")
+                    break
+                history["skipped"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history["losses"].append(loss_sum)
+            if diagnose:
+                print(diagnostics_table(model))
+            if (it + 1) % cfg.log_interval == 0:
+                dt = (time.time() - t0) / cfg.log_interval
+                t0 = time.time()
+                print(f"step {it + 1}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
+                      f"{tokens_per_step / dt:.0f} tokens/s")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    steps_done = max(1, len(history["losses"]))
+    history["tokens_per_s"] = steps_done * tokens_per_step / max(time.time() - t_start, 1e-9)
+    history["model"], history["meta"] = model, meta
+    return history
+
+
+def sample(cfg, model=None, meta=None):
+    """Decode cfg.num_samples continuations of cfg.prompt; from out_dir/ckpt.pt unless given a model."""
+    device = pick_device(cfg.device)
+    if model is None:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        saved = dataclasses.replace(Config(), **ckpt["config"])
+        meta = ckpt["meta"]
+        model = build_model(dataclasses.replace(saved, device=cfg.device), meta["vocab_size"], device)
+        model.load_state_dict(ckpt["model"])
+    from prepare_data import load_codec
+    encode, decode = load_codec(meta)
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    start = torch.tensor([encode(cfg.prompt) or [0]], dtype=torch.long, device=device)
+    texts = []
+    for _ in range(cfg.num_samples):
+        with autocast_context(device):
+            out = model.generate(start, cfg.max_new_tokens, cfg.temperature, cfg.top_k, gen)
+        texts.append(decode(out[0].tolist()))
+        print(texts[-1] + "\n" + "-" * 40)
+    return texts
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        validate_config(cfg)
+        if cfg.mode == "sample":
+            sample(cfg)
+        elif cfg.mode == "memory":
+            model = build_model(cfg, 50304 if cfg.dataset == "shakespeare" else 65, torch.device("cpu"))
+            print(memory_table(model, make_optimizer(model, cfg)))
+        else:
+            history = train(cfg)
+            if history["diverged_at"] is not None:
+                return 1
+            sample(dataclasses.replace(cfg, max_new_tokens=min(cfg.max_new_tokens, 200)),
+                   history["model"], history["meta"])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

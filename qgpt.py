@@ -773,13 +773,15 @@ class QAdamW(torch.optim.Optimizer):
                     raise UserError(f"the optimizer state was saved with {key}={saved.get(key)} but this run "
                                     f"uses {key}={group[key]}: use the same --{key} to resume, or start "
                                     f"from scratch")
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:  # torch casts float states to the parameter's dtype: undo for bf16
-            for p in group["params"]:
-                state = self.state[p]
-                for prefix, bits in zip(("m_", "v_"), self._widths(p, group)):
-                    if bits == 16:
-                        state[prefix + "value"] = state[prefix + "value"].to(torch.bfloat16)
+        # torch's loader would cast every state tensor (the uint8 codes too) to the parameter's dtype
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        if len(params) != len(saved_ids):
+            raise UserError(f"the optimizer state holds {len(saved_ids)} tensors but the model has {len(params)}")
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        for p, i in zip(params, saved_ids):
+            self.state[p] = {k: v.to(p.device) for k, v in state_dict["state"][i].items()}
 
 
 def state_bytes(optimizer):
@@ -923,8 +925,11 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt or truncated")
 
 
-def train(cfg):
-    """Train cfg; returns {'losses': [per-step train loss], 'evals': [(step, train, val)], ...}."""
+def train(cfg, stop_at=None):
+    """Train cfg; returns {'losses': [per-step train loss], 'evals': [(step, train, val)], ...}.
+
+    stop_at: behave as if interrupted at that step (evaluate, save, return), for tests.
+    """
     validate_config(cfg)
     device = pick_device(cfg.device)
     data, meta = load_data(cfg)
@@ -962,6 +967,7 @@ def train(cfg):
     t0 = t_start = time.time()
     try:
         for it in range(start, cfg.max_iters + 1):
+            stop["signal"] |= it == stop_at
             if it % cfg.eval_interval == 0 or it == cfg.max_iters or stop["signal"]:
                 losses = evaluate(run_model, data, cfg, device)
                 history["evals"].append((it, losses["train"], losses["val"]))

@@ -1,0 +1,345 @@
+"""
+kernels.py: Triton int8 kernels for qgpt's quantized Linear, each beside a plain PyTorch reference.
+
+    python kernels.py                  # GPU: correctness check, then the benchmark table
+                                       # CPU: says so, checks the kernels under Triton's interpreter
+    TRITON_INTERPRET=1 python -m pytest test_qgpt.py -k kernel
+
+How it works:
+ 1. `quantize_rows`: one program per row reads the row once, takes its absmax, and writes int8
+    codes and one fp32 scale: exactly qgpt.quantize(x, bits, "row") (same division, same
+    round-half-to-even, clamp before the cast).
+ 2. `quantize_columns`: the same along columns, for the backward (dW = G^T X wants G and X with
+    one scale per column). It walks down a band of columns twice (absmax, then codes), reading
+    rows contiguously, instead of a strided row kernel on a transposed view.
+ 3. `int8_matmul`: C = (A @ B) * a_scale[:, None] * b_scale[None, :] (+ bias). The int8 x int8
+    products are summed in int32 on tensor cores (exact, no overflow for K < 2^17); the scales
+    factor out of the sum because each runs along a dimension the sum does not cover (the `int8`
+    recipe in qgpt.py), so they are applied once, in the epilogue, with the bias.
+ 4. `TritonBackend` exposes quantize_rows and int8_matmul with qgpt.SimBackend's signatures.
+Block sizes: autotuned on a GPU; fixed in Python under the interpreter (no driver there).
+"""
+
+import os
+import sys
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # qgpt.py still runs; the Triton backend reports itself unavailable
+    triton = tl = None
+
+
+# ----------------------------------------------------------------------------------------------
+# References: plain PyTorch, same signatures as the kernels below.
+
+def quantize_rows_reference(x, bits=8, absmax_floor=1e-5):
+    """(M, K) float -> int8 codes (M, K), fp32 scale (M, 1); symmetric, one scale per row."""
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=absmax_floor) / qmax  # (M, 1) fp32
+    codes = torch.round(xf / scale).clamp(-qmax - 1, qmax).to(torch.int8)  # clamp before the cast
+    return codes, scale
+
+
+def quantize_columns_reference(x, bits=8, absmax_floor=1e-5):
+    """(M, N) float -> int8 codes (M, N), fp32 scale (1, N); one scale per column."""
+    codes, scale = quantize_rows_reference(x.t(), bits, absmax_floor)
+    return codes.t(), scale.t()
+
+
+def int8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32):
+    """(A @ B) * a_scale[:, None] * b_scale[None, :] + bias; A (M, K), B (K, N) int8.
+
+    out_dtype=torch.int32 returns the raw int32 sums. float64 holds them exactly (|sum| < 2^53).
+    """
+    acc = (a.double() @ b.double()).to(torch.int32)  # (M, N) exact integer sums
+    if out_dtype == torch.int32:
+        return acc
+    out = acc.float() * a_scale.view(-1, 1).float() * b_scale.view(1, -1).float()
+    return (out if bias is None else out + bias.float()).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels.
+
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(t):
+        """torch.round's rounding (ties to even), from floor: libdevice.rint is not interpreted."""
+        r = tl.floor(t + 0.5)
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        return tl.where(((r - t) == 0.5) & odd, r - 1.0, r)
+
+    @triton.jit
+    def _codes(x, scale, qmax):
+        # div_rn: IEEE division, as torch does; Triton's `/` on fp32 is approximate on GPUs.
+        return tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale)), -qmax - 1.0), qmax)
+
+    @triton.jit
+    def quantize_rows_kernel(
+            x_ptr, codes_ptr, scale_ptr,  # pointers
+            M, K,  # sizes
+            stride_xm, stride_xk, stride_cm, stride_ck,  # strides
+            qmax, absmax_floor,  # quantizer
+            BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr):  # meta-parameters
+        row = tl.program_id(0)  # SEAM: quantize_rows_kernel
+        offs_k = tl.arange(0, BLOCK_K)
+        x_row = x_ptr + row * stride_xm
+        c_row = codes_ptr + row * stride_cm
+        if SINGLE_PASS:  # the whole row fits in one block: one read, one write
+            mask = offs_k < K
+            x = tl.load(x_row + offs_k * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), absmax_floor), qmax)
+            tl.store(c_row + offs_k * stride_ck, _codes(x, scale, qmax).to(tl.int8), mask=mask)
+        else:
+            absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mask = k0 + offs_k < K
+                x = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+                absmax = tl.maximum(absmax, tl.abs(x))
+            scale = tl.math.div_rn(tl.maximum(tl.max(absmax, axis=0), absmax_floor), qmax)
+            for k0 in range(0, K, BLOCK_K):
+                mask = k0 + offs_k < K
+                x = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+                tl.store(c_row + (k0 + offs_k) * stride_ck, _codes(x, scale, qmax).to(tl.int8), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
+    @triton.jit
+    def quantize_columns_kernel(
+            x_ptr, codes_ptr, scale_ptr,
+            M, N,
+            stride_xm, stride_xn, stride_cm, stride_cn,
+            qmax, absmax_floor,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # a band of BLOCK_N columns
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_n = offs_n < N
+        absmax = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            mask = ((m0 + offs_m)[:, None] < M) & mask_n[None, :]
+            x = tl.load(x_ptr + (m0 + offs_m)[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+            absmax = tl.maximum(absmax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+        scale = tl.math.div_rn(tl.maximum(absmax, absmax_floor), qmax)  # (BLOCK_N,)
+        for m0 in range(0, M, BLOCK_M):
+            mask = ((m0 + offs_m)[:, None] < M) & mask_n[None, :]
+            x = tl.load(x_ptr + (m0 + offs_m)[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+            codes = _codes(x.to(tl.float32), scale[None, :], qmax).to(tl.int8)
+            tl.store(codes_ptr + (m0 + offs_m)[:, None] * stride_cm + offs_n[None, :] * stride_cn, codes, mask=mask)
+        tl.store(scale_ptr + offs_n, scale, mask=mask_n)
+
+    @triton.jit
+    def int8_matmul_kernel(
+            a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,  # pointers
+            M, N, K,  # sizes
+            stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,  # strides
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # meta-parameters
+            GROUP_M: tl.constexpr, DEQUANT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # Grouped tile order: GROUP_M row-tiles share their B columns while they sit in L2.
+        pid = tl.program_id(0)  # SEAM: int8_matmul_kernel
+        num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group_id = pid // (GROUP_M * num_pid_n)
+        first_m = group_id * GROUP_M
+        group_rows = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_rows
+        pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # int32: int8 products never overflow it
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (k0 + offs_k[None, :] < K), other=0)
+            b = tl.load(b_ptrs, mask=(k0 + offs_k[:, None] < K) & (offs_n[None, :] < N), other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) int32 on tensor cores
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        mask_m, mask_n = offs_m < M, offs_n < N
+        if DEQUANT:  # epilogue: int32 -> fp32, times both scales, plus bias, to the output dtype
+            a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+            b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
+            out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            out = out.to(c_ptr.dtype.element_ty)
+        else:
+            out = acc
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out,
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: check inputs, allocate, launch.
+
+def _check_launchable(*tensors):
+    if triton is None:
+        raise RuntimeError("triton is not installed: pip install triton, or use the references")
+    if tensors[0].device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1, set before kernels.py "
+                           "is imported")
+
+
+_AUTOTUNED = {}
+
+
+def _tuned_matmul():
+    """The matmul kernel wrapped in triton.autotune, built on first GPU use (never on CPU)."""
+    if "matmul" not in _AUTOTUNED:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                 num_stages=stages, num_warps=warps)
+                   for bm, bn, bk, stages, warps in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8),
+                                                     (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
+                                                     (64, 128, 128, 4, 4), (128, 64, 128, 4, 4),
+                                                     (64, 64, 128, 5, 4)]]
+        _AUTOTUNED["matmul"] = triton.autotune(configs=configs, key=["M", "N", "K"])(int8_matmul_kernel)
+    return _AUTOTUNED["matmul"]
+
+
+def quantize_rows(x, bits=8, absmax_floor=1e-5):
+    """Triton: (M, K) float -> int8 codes (M, K), fp32 scale (M, 1). Any strides."""
+    _check_launchable(x)
+    M, K = x.shape
+    codes = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    block = min(triton.next_power_of_2(K), 8192 if x.is_cuda else 128)
+    quantize_rows_kernel[(M,)](x, codes, scale, M, K, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
+                               float(2 ** (bits - 1) - 1), absmax_floor, BLOCK_K=block, SINGLE_PASS=block >= K,
+                               num_warps=8 if block >= 2048 else 4)
+    return codes, scale
+
+
+def quantize_columns(x, bits=8, absmax_floor=1e-5):
+    """Triton: (M, N) float -> int8 codes (M, N), fp32 scale (1, N). Any strides."""
+    _check_launchable(x)
+    M, N = x.shape
+    codes = torch.empty((M, N), dtype=torch.int8, device=x.device)
+    scale = torch.empty((1, N), dtype=torch.float32, device=x.device)
+    block_m, block_n = (64, 128) if x.is_cuda else (16, 16)
+    quantize_columns_kernel[(triton.cdiv(N, block_n),)](
+        x, codes, scale, M, N, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
+        float(2 ** (bits - 1) - 1), absmax_floor, BLOCK_M=block_m, BLOCK_N=block_n)
+    return codes, scale
+
+
+def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32):
+    """Triton: (A @ B) * a_scale[:, None] * b_scale[None, :] + bias; A (M, K), B (K, N) int8, any strides.
+
+    out_dtype=torch.int32 skips the epilogue and returns the raw int32 sums.
+    """
+    _check_launchable(a, b)
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"int8_matmul needs int8 A (M, K) and B (K, N), got {a.dtype} {tuple(a.shape)} and "
+                         f"{b.dtype} {tuple(b.shape)}")
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    dequant = out_dtype != torch.int32
+    a_scale = a_scale.reshape(-1).float()  # (M,)
+    b_scale = b_scale.reshape(-1).float()  # (N,)
+    args = (a, b, c, a_scale, b_scale, a_scale if bias is None else bias, M, N, K, a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    if a.is_cuda:
+        kernel = _tuned_matmul()
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](*args, DEQUANT=dequant, HAS_BIAS=bias is not None)
+    else:  # interpreter: small fixed blocks (autotune needs a driver)
+        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
+        int8_matmul_kernel[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, DEQUANT=dequant,
+                                 HAS_BIAS=bias is not None)
+    return c
+
+
+class TritonBackend:
+    """qgpt's int8 backend on Triton kernels; same signatures as qgpt.SimBackend."""
+    name = "triton"
+
+    @staticmethod
+    def quantize_rows(x, bits, absmax_floor):
+        if x.stride(0) == 1 and x.dim() == 2 and x.shape[1] > 1:  # a transposed view: walk its columns
+            codes, scale = quantize_columns(x.t(), bits, absmax_floor)
+            return codes.t(), scale.t()
+        return quantize_rows(x, bits, absmax_floor)
+
+    @staticmethod
+    def int8_matmul(a_codes, a_scale, b_codes, b_scale, bias=None, out_dtype=torch.float32):
+        return int8_matmul(a_codes, a_scale, b_codes, b_scale, bias, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# python kernels.py: correctness check, then (GPU) the benchmark table.
+
+def check(device):
+    torch.manual_seed(0)
+    ok = True
+    for M, K, N in [(1, 1, 1), (37, 70, 19), (130, 96, 67)] + ([(4096, 768, 3072)] if device == "cuda" else []):
+        x = torch.randn(M, K, device=device) * torch.rand(M, 1, device=device) * 3
+        codes, scale = quantize_rows(x)
+        ref_codes, ref_scale = quantize_rows_reference(x)
+        col_codes, col_scale = quantize_columns(x)
+        ref_col = quantize_columns_reference(x)
+        a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=device)
+        b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device).t()  # column-major B
+        exact = torch.equal(int8_matmul(a, scale, b, scale, out_dtype=torch.int32),
+                            int8_matmul_reference(a, scale, b, scale, out_dtype=torch.int32))
+        q_ok = torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+        c_ok = torch.equal(col_codes, ref_col[0]) and torch.equal(col_scale, ref_col[1])
+        print(f"M={M} K={K} N={N}: quantize_rows {'exact' if q_ok else 'DIFFERENT'}, quantize_columns "
+              f"{'exact' if c_ok else 'DIFFERENT'}, int8 matmul int32 {'exact' if exact else 'DIFFERENT'}")
+        ok &= q_ok and c_ok and exact
+    return ok
+
+
+def benchmark():
+    from triton.testing import do_bench
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}; Y[M,N] = X[M,K] @ W[K,N]")
+    print(f"{'M':>6} {'K':>6} {'N':>6} | {'bf16':>6} {'_int_mm':>8} {'fp8':>6} {'triton':>7} TFLOP/s or TOP/s"
+          f" | {'triton/bf16':>11}")
+    shapes = [(16384, 768, 2304), (16384, 768, 3072), (16384, 3072, 768), (3072, 16384, 768),
+              (16384, 768, 50304), (16384, 1600, 6400), (16384, 6400, 1600), (4096, 4096, 4096), (8192, 8192, 8192)]
+    for M, K, N in shapes:
+        x, w = torch.randn(M, K, device="cuda", dtype=torch.bfloat16), torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+        a, a_scale = quantize_rows(x)
+        b, b_scale = quantize_rows(w.t().contiguous())
+        b = b.t()
+        flops = 2 * M * N * K
+        rate = lambda ms: flops / ms / 1e9  # noqa: E731
+        t_bf16 = rate(do_bench(lambda: x @ w))
+        t_int = rate(do_bench(lambda: torch._int_mm(a, b.contiguous())))
+        try:
+            x8, w8 = x.to(torch.float8_e4m3fn), w.t().contiguous().to(torch.float8_e4m3fn).t()
+            one = torch.ones((), device="cuda")
+            t_fp8 = rate(do_bench(lambda: torch._scaled_mm(x8, w8, one, one, out_dtype=torch.bfloat16)))
+        except (RuntimeError, AttributeError):
+            t_fp8 = float("nan")
+        t_tri = rate(do_bench(lambda: int8_matmul(a, a_scale, b, b_scale, out_dtype=torch.bfloat16)))
+        print(f"{M:>6} {K:>6} {N:>6} | {t_bf16:6.0f} {t_int:8.0f} {t_fp8:6.0f} {t_tri:7.0f} | {t_tri / t_bf16:11.2f}")
+    x = torch.randn(16384, 3072, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: quantize_rows(x))
+    ms_ref = do_bench(lambda: quantize_rows_reference(x))
+    moved = x.numel() * 3 + 16384 * 4  # bf16 read + int8 write + scales
+    print(f"quantize_rows 16384x3072 bf16: {ms * 1e3:.0f} us ({moved / ms / 1e9:.2f} TB/s); "
+          f"PyTorch eager reference {ms_ref * 1e3:.0f} us")
+
+
+def main():
+    if triton is None:
+        print("triton is not installed: pip install triton")
+        return 1
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter must be on before the kernels exist
+            print("no CUDA GPU: checking the kernels under Triton's interpreter (no benchmark)")
+            os.execve(sys.executable, [sys.executable, __file__], {**os.environ, "TRITON_INTERPRET": "1"})
+        return 0 if check("cpu") else 1
+    if not check("cuda"):
+        return 1
+    benchmark()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

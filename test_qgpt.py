@@ -1,0 +1,577 @@
+"""
+Tests for qgpt.py, kernels.py and prepare_data.py. CPU only, no network:
+
+    python -m pytest test_qgpt.py            # everything, about 2 minutes on 2 cores
+    python -m pytest test_qgpt.py -k quantize   # one seam (see README, "Using qgpt in a course")
+
+Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before kernels.py is
+imported); they skip only when triton itself is missing.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.py defines its kernels
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import prepare_data
+import qgpt
+from qgpt import Config, QAdamW, compare, dequantize, quantize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEXT = "".join(f"LINE {i % 7}:\nTo be, or not to be, that is the question {i % 13}.\n\n" for i in range(600))
+
+
+def tiny_cfg(tmp_path, **overrides):
+    """A 1-layer char model that trains a step in a few milliseconds."""
+    base = dict(data_dir=str(tmp_path / "data"), dataset="corpus_char", out_dir=str(tmp_path / "out"),
+                n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=20, eval_interval=10,
+                eval_iters=2, log_interval=10, warmup_iters=5, lr=3e-3, max_new_tokens=0)
+    base.update(overrides)
+    return Config(**base)
+
+
+@pytest.fixture
+def char_data(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    assert prepare_data.main(["--input", str(tmp_path / "corpus.txt"), "--tokenizer", "char",
+                              "--out_dir", str(tmp_path / "data")]) == 0
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare_data.py
+
+def test_prepare_char_round_trip(char_data):
+    folder = char_data / "data" / "corpus_char"
+    meta = json.loads((folder / "meta.json").read_text())
+    encode, decode = prepare_data.load_codec(meta)
+    train = np.fromfile(folder / "train.bin", dtype=np.uint16).tolist()
+    val = np.fromfile(folder / "val.bin", dtype=np.uint16).tolist()
+    assert decode(train) + decode(val) == TEXT, "train.bin + val.bin must decode back to the input text"
+    assert len(train) == int(len(TEXT) * 0.9) and meta["train_tokens"] == len(train)
+    assert encode("To be") == train[TEXT.index("To be"):TEXT.index("To be") + 5]
+
+
+def test_prepare_gpt2_round_trip_offline(tmp_path):
+    text = "Hello, world! The café costs €3.\n" * 50
+    (tmp_path / "a.md").write_text(text)
+    assert prepare_data.main(["--input", str(tmp_path), "--out_dir", str(tmp_path / "data")]) == 0
+    folder = tmp_path / "data" / tmp_path.name
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    _, decode = prepare_data.load_codec(meta)
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint16).tolist()
+    assert decode(ids + np.fromfile(folder / "val.bin", dtype=np.uint16).tolist()) == text
+    assert ids[:4] == [15496, 11, 995, 0], "GPT-2 ids of 'Hello, world!' (tiktoken gpt2)"
+
+
+def test_play_to_text_shape():
+    md = ("# Play\n\n## ACT I\n\n_Enter A and B_\n\n**FIRST LORD**  \nWho's there?  \n_\\[Aside]_  \nFriend.\n\n"
+          "_Exit_\n\n**B**  \nStand.\n")
+    assert prepare_data.play_to_text(md) == "FIRST LORD:\nWho's there?\n[Aside]\nFriend.\n\nB:\nStand.\n\n"
+
+
+def test_openwebtext_path_on_local_documents():
+    train, val, meta = prepare_data.tokenize_documents([{"text": "one doc"}, {"text": "two"}], val_fraction=0.3)
+    enc = prepare_data.gpt2_encoding()
+    assert train + val == enc.encode_ordinary("one doc") + [50256] + enc.encode_ordinary("two") + [50256]
+    assert len(val) == 1 and meta["vocab_size"] == 50257
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "latin1", "unwritable", "no_datasets"])
+def test_prepare_errors(tmp_path, capsys, case, monkeypatch):
+    args = ["--input", str(tmp_path / "in.txt"), "--out_dir", str(tmp_path / "data")]
+    if case == "empty":
+        (tmp_path / "in.txt").write_text("  \n")
+    if case == "latin1":
+        (tmp_path / "in.txt").write_bytes("caf\xe9".encode("latin1"))
+    if case == "unwritable":
+        (tmp_path / "in.txt").write_text(TEXT)
+        (tmp_path / "blocker").write_text("a file, not a folder")
+        args[-1] = str(tmp_path / "blocker")
+    if case == "no_datasets":
+        monkeypatch.setitem(sys.modules, "datasets", None)
+        args = ["--dataset", "openwebtext", "--out_dir", str(tmp_path / "data")]
+    assert prepare_data.main(args) == 2
+    err = capsys.readouterr().err
+    expected = {"missing": "does not exist", "empty": "empty", "latin1": "not UTF-8", "unwritable": "cannot write",
+                "no_datasets": "pip install datasets"}[case]
+    assert expected in err and err.count("\n") == 1, f"one clear line saying '{expected}', got: {err!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize / dequantize / fake quantization (qgpt.py, "Quantization primitives")
+
+def test_quantize_hand_checked_codes():
+    # absmax = qmax, so scale = 1 exactly and the codes are round(x), ties to even
+    codes, scale, zp = quantize(torch.tensor([[63.5, -127.0, 32.25, 12.7]]), 8, "tensor")
+    assert zp is None and scale.item() == 1.0, f"8-bit scale must be 127 / 127 = 1, got {scale.item()}"
+    assert codes.tolist() == [[64, -127, 32, 13]], f"8-bit: 63.5 rounds to even 64; got {codes.tolist()}"
+    codes, scale, _ = quantize(torch.tensor([[3.5, -7.0, 1.5, 0.7]]), 4, "tensor")
+    assert codes.tolist() == [[4, -7, 2, 1]], f"4-bit: 3.5 -> 4, 1.5 -> 2 (ties to even); got {codes.tolist()}"
+    codes, scale, _ = quantize(torch.tensor([[0.5, -1.0, 0.25, 1.0]]), 2, "tensor")
+    assert codes.tolist() == [[0, -1, 0, 1]], f"2-bit: qmax 1, 0.5 rounds to even 0; got {codes.tolist()}"
+    assert codes.dtype == torch.int8, "codes must be int8 tensors"
+    codes, scale, _ = quantize(torch.tensor([[3.5, -7.0], [0.5, 0.2]]), 4, "row")
+    assert torch.equal(scale, torch.tensor([[7.0], [0.5]]) / 7) and codes.tolist() == [[4, -7], [7, 3]], \
+        f"per-row scales 1 and 0.5/7; got scale {scale.view(-1).tolist()}, codes {codes.tolist()}"
+
+
+def test_quantize_clamps_before_cast():
+    x = torch.tensor([[127.5, -127.5, 64.0]])  # asymmetric 8-bit: scale = 255 / 255 = 1
+    codes, scale, zp = quantize(x, 8, "tensor", symmetric=False)
+    assert scale.item() == 1.0 and zp.item() == 0.0, "zero point = -128 - round(-127.5) = 0"
+    assert codes.tolist() == [[127, -128, 64]], f"127.5 rounds to 128 and must clamp to 127, not wrap; got {codes.tolist()}"
+
+
+def test_asymmetric_zero_point_positive_data():
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0]])  # GELU-like: all >= 0
+    codes, scale, zp = quantize(x, 2, "row", symmetric=False)
+    assert scale.item() == pytest.approx(1.0), "asymmetric 2-bit: scale = (3 - 0) / (2^2 - 1)"
+    assert zp.item() == -2.0 and codes.tolist() == [[-2, -1, 0, 1]], f"got zp {zp}, codes {codes.tolist()}"
+    assert torch.equal(dequantize(codes, scale, zp), x), "these values are exact levels"
+
+
+@pytest.mark.parametrize("granularity,shape", [("tensor", ()), ("row", (6, 1)), ("channel", (6, 1)),
+                                               ("token", (6, 1)), ("column", (1, 8)), ("group", (6, 2, 1))])
+def test_scale_shapes(granularity, shape):
+    x = torch.randn(6, 8)
+    codes, scale, _ = quantize(x, 8, granularity, group_size=4)
+    assert tuple(scale.shape) == shape, f"{granularity}: scale must have shape {shape}, got {tuple(scale.shape)}"
+    assert codes.shape == x.shape
+
+
+def test_all_zero_input_gives_zeros():
+    for granularity in ["tensor", "row", "column", "group"]:
+        for symmetric in (True, False):
+            codes, scale, zp = quantize(torch.zeros(3, 4), 4, granularity, symmetric, group_size=2)
+            x_hat = dequantize(codes, scale, zp)
+            assert torch.equal(x_hat, torch.zeros(3, 4)), f"{granularity} symmetric={symmetric}: got {x_hat}"
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("granularity", ["tensor", "row", "column", "group"])
+def test_quantize_matches_paper_formula(bits, granularity):
+    """An independent numpy version of PAPER.md's formula, on random data, code for code."""
+    rng = np.random.default_rng(bits)
+    x = (rng.standard_normal((8, 16)) * rng.uniform(0.01, 5, (8, 1))).astype(np.float32)
+    qmax = np.float32(2 ** (bits - 1) - 1)
+    if granularity == "tensor":
+        absmax = np.abs(x).max()
+    elif granularity == "row":
+        absmax = np.abs(x).max(axis=1, keepdims=True)
+    elif granularity == "column":
+        absmax = np.abs(x).max(axis=0, keepdims=True)
+    else:
+        absmax = np.repeat(np.abs(x.reshape(8, 4, 4)).max(axis=2), 4, axis=1)
+    scale = np.maximum(absmax, np.float32(1e-5)).astype(np.float32) / qmax
+    expected = np.clip(np.round(x / scale), -qmax - 1, qmax)
+    codes, scale_t, _ = quantize(torch.from_numpy(x), bits, granularity, group_size=4)
+    assert np.array_equal(codes.numpy(), expected.astype(np.int8)), f"{bits}-bit {granularity} codes differ"
+    x_hat = dequantize(codes, scale_t)
+    half_step = torch.from_numpy(np.broadcast_to(scale, x.shape).copy()) / 2
+    assert ((x_hat - torch.from_numpy(x)).abs() <= half_step * (1 + 1e-6)).all(), \
+        "round-trip error must be at most half a step (1e-6: fp32 rounding of q * scale)"
+
+
+def test_fake_quantize_straight_through():
+    x = torch.randn(4, 8, requires_grad=True)
+    y = qgpt.fake_quantize(x, 4, "row")
+    assert not torch.equal(y, x), "4-bit fake quantization must change the values"
+    y.backward(torch.arange(32.0).view(4, 8))
+    assert torch.equal(x.grad, torch.arange(32.0).view(4, 8)), "the STE backward must be the identity"
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantized Linear
+
+def _linear_pair(cfg, backend=qgpt.SimBackend, bias=True, seed=0):
+    torch.manual_seed(seed)
+    ref = nn.Linear(24, 16, bias=bias)
+    model = nn.Sequential(nn.Linear(24, 16, bias=bias))
+    model[0].load_state_dict(ref.state_dict())
+    qgpt.quantize_model(model, cfg, backend)
+    assert isinstance(model[0], qgpt.QLinear)
+    return ref, model[0]
+
+
+def _grads(module, x, g):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    y.backward(g)
+    return y.detach(), x.grad, module.weight.grad, module.bias.grad
+
+
+@pytest.mark.parametrize("recipe", ["paper", "int8"])
+def test_qlinear_32_bits_equals_nn_linear(recipe):
+    ref, model = _linear_pair(Config(recipe=recipe))
+    x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 16)
+    for name, a, b in zip(["output", "dX", "dW", "db"], _grads(model, x, g), _grads(ref, x, g)):
+        assert torch.equal(a, b), f"{recipe} at 32 bits: {name} must equal nn.Linear's exactly"
+
+
+@pytest.mark.parametrize("recipe", ["paper", "int8"])
+def test_qlinear_8_bits_close_to_nn_linear(recipe):
+    ref, model = _linear_pair(Config(recipe=recipe, wbits=8, abits=8, gbits=8, g_matmuls="both"))
+    x, g = torch.randn(64, 24), torch.randn(64, 16)
+    for name, a, b in zip(["output", "dX", "dW", "db"], _grads(model, x, g), _grads(ref, x, g)):
+        rel = ((a - b).norm() / b.norm()).item()
+        # 8-bit absmax codes: about 1% relative error per operand on Gaussian data; 3% bounds two operands
+        assert rel < 0.03, f"{recipe} w8a8g8: {name} relative error {rel:.4f} exceeds 3%"
+        assert name == "db" or rel > 0, f"{name} must actually be quantized"
+
+
+@pytest.mark.parametrize("recipe", ["paper", "int8"])
+def test_gradient_flag_changes_only_its_matmul(recipe):
+    x, g = torch.randn(32, 24), torch.randn(32, 16)
+    _, full = _linear_pair(Config(recipe=recipe))
+    _, y0, dx0, dw0, db0 = (None, *_grads(full, x, g))
+    for matmul in ["wgrad", "dgrad"]:
+        _, model = _linear_pair(Config(recipe=recipe, gbits=4, g_matmuls=matmul))
+        y, dx, dw, db = _grads(model, x, g)
+        assert torch.equal(y, y0) and torch.equal(db, db0), "gradient bits must not touch the forward or the bias"
+        assert torch.equal(dx, dx0) == (matmul == "wgrad"), f"g_matmuls={matmul}: dX quantized iff dgrad"
+        assert torch.equal(dw, dw0) == (matmul == "dgrad"), f"g_matmuls={matmul}: dW quantized iff wgrad"
+
+
+def test_int8_recipe_scales_along_unsummed_axes():
+    """The int8 recipe's dX uses W quantized per input column: equal to an explicit computation."""
+    cfg = Config(recipe="int8", wbits=4, gbits=4, g_matmuls="dgrad")
+    _, model = _linear_pair(cfg)
+    x, g = torch.randn(8, 24), torch.randn(8, 16)
+    _, dx, _, _ = _grads(model, x, g)
+    w = model.weight.detach()
+    g_hat = dequantize(*quantize(g, 4, "row", absmax_floor=qgpt.GRAD_FLOOR))
+    w_hat = dequantize(*quantize(w, 4, "column"))
+    assert torch.allclose(dx, g_hat @ w_hat, rtol=1e-5, atol=1e-6), \
+        "dX = fq(G, per token) @ fq(W, per input column); tolerance: fp32 sum order"
+
+
+def test_swap_keeps_tied_head_and_respects_flag(tmp_path):
+    model = qgpt.GPT(tiny_cfg(tmp_path), vocab_size=40)
+    swapped = qgpt.quantize_model(model, Config(wbits=8))
+    assert "lm_head" in swapped and len(swapped) == 4 * 1 + 1
+    assert model.lm_head.weight is model.transformer.wte.weight, "the tied head must stay tied"
+    model = qgpt.GPT(tiny_cfg(tmp_path), vocab_size=40)
+    assert "lm_head" not in qgpt.quantize_model(model, Config(wbits=8, quantize_head=False))
+
+
+def test_diagnostics_table(tmp_path):
+    model = qgpt.GPT(tiny_cfg(tmp_path), vocab_size=40)
+    qgpt.quantize_model(model, Config(wbits=8, abits=8, gbits=4, g_granularity="tensor"))
+    for m in model.modules():
+        if isinstance(m, qgpt.QLinear):
+            m.stats = {}
+    _, loss = model(torch.randint(0, 40, (2, 16)), torch.randint(0, 40, (2, 16)))
+    loss.backward()
+    table = qgpt.diagnostics_table(model)
+    assert len(table.splitlines()) == 6 and "lm_head" in table and "G->0" in table
+    assert model.lm_head.stats["G"]["zeroed"] > 0.1, "per-tensor gradient scales zero many entries"
+
+
+# ----------------------------------------------------------------------------------------------
+# QAdamW
+
+def test_pack_4bit_round_trip():
+    codes = torch.tensor([0, 15, 7, 8, 1], dtype=torch.uint8)
+    packed = qgpt.pack_4bit(codes)
+    assert packed.tolist() == [0xF0, 0x87, 0x01], f"low nibble first; got {[hex(b) for b in packed.tolist()]}"
+    assert torch.equal(qgpt.unpack_4bit(packed, 5), codes)
+
+
+def _adam_problem(seed=0):
+    torch.manual_seed(seed)
+    return [nn.Parameter(torch.randn(64, 80)), nn.Parameter(torch.randn(80))]
+
+
+def _run_adam(params, opt, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 0.01 + p.detach() * 0.1
+        opt.step()
+
+
+def test_qadamw_32_bits_equals_torch_adamw():
+    ours, ref = _adam_problem(), _adam_problem()
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    _run_adam(ours, QAdamW(ours, min_size=1, **kw), 100)
+    _run_adam(ref, torch.optim.AdamW(ref, foreach=False, fused=False, **kw), 100)
+    for a, b in zip(ours, ref):
+        rel = ((a - b).abs().max() / b.abs().max()).item()
+        assert rel <= 1e-6, f"QAdamW at 32 bits must match torch.optim.AdamW, relative diff {rel:.2e}"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+def test_state_round_trip_error(bits, granularity):
+    torch.manual_seed(0)
+    m = torch.randn(32, 256) * torch.rand(32, 1)
+    state = qgpt.encode_state(m, bits, True, granularity, 128)
+    m_hat = qgpt.decode_state(state, m.shape, bits, True)
+    step = state["scale"].repeat_interleave(m.numel() // state["scale"].shape[0]).view(m.shape)
+    assert ((m - m_hat).abs() <= step / 2 * (1 + 1e-6)).all(), "m: error at most half a step (1e-6: fp32)"
+    v = m * m
+    for v_map in ["linear", "zerofree", "sqrt"]:
+        state = qgpt.encode_state(v, bits, False, granularity, 128, v_map)
+        v_hat = qgpt.decode_state(state, v.shape, bits, False, v_map)
+        step = state["scale"].repeat_interleave(v.numel() // state["scale"].shape[0]).view(v.shape)
+        err = (v.sqrt() - v_hat.sqrt()).abs() if v_map == "sqrt" else (v - v_hat).abs()
+        bound = step / 2 if v_map == "linear" else step  # zero-free maps lift values below half a step to one step
+        assert (err <= bound * (1 + 1e-5)).all(), f"v {v_map}: round-trip error beyond {bound.max():.3g}"
+        if v_map != "linear":
+            assert (v_hat > 0).all(), f"v_map {v_map} must never decode to 0"
+
+
+def test_linear_map_has_the_zero_point_problem():
+    v = torch.tensor([1.0] + [1e-6] * 255)
+    v_hat = qgpt.decode_state(qgpt.encode_state(v, 8, False, "tensor", v_map="linear"), v.shape, 8, False)
+    assert (v_hat[1:] == 0).all(), "the paper's linear map rounds small v to exactly 0"
+
+
+@pytest.mark.parametrize("bits,limit", [(8, 2.1), (4, 1.1)])
+def test_state_bytes_per_parameter(bits, limit):
+    p = nn.Parameter(torch.zeros(1024, 1024))
+    opt = QAdamW([p], m_bits=bits, v_bits=bits)
+    per_param = sum(qgpt.state_bytes(opt).values()) / p.numel()
+    assert per_param <= limit, f"{bits}-bit m and v: {per_param:.4f} bytes/param, limit {limit}"
+    assert per_param >= bits / 4, "codes must really be stored (at least bits/8 bytes per moment)"
+
+
+def test_toy_problem_converges_with_8bit_states():
+    torch.manual_seed(0)
+    target = torch.randn(64, 64)
+    w = nn.Parameter(torch.zeros(64, 64))
+    opt = QAdamW([w], lr=0.05, weight_decay=0.0, m_bits=8, v_bits=8)
+    for _ in range(300):
+        w.grad = 2 * (w.detach() - target)
+        opt.step()
+    assert ((w - target).norm() / target.norm()).item() < 0.05, "8-bit Adam must still reach the target"
+
+
+def test_qadamw_state_dict_resume_bit_exact(tmp_path):
+    for bits in (32, 16, 8, 4):
+        a = _adam_problem()
+        opt_a = QAdamW(a, m_bits=bits, v_bits=bits, min_size=1)
+        _run_adam(a, opt_a, 5)
+        torch.save({"p": [p.detach() for p in a], "opt": opt_a.state_dict()}, tmp_path / "s.pt")
+        _run_adam(a, opt_a, 5, seed=2)
+        saved = torch.load(tmp_path / "s.pt", weights_only=True)
+        b = [nn.Parameter(t.clone()) for t in saved["p"]]
+        opt_b = QAdamW(b, m_bits=bits, v_bits=bits, min_size=1)
+        opt_b.load_state_dict(saved["opt"])
+        _run_adam(b, opt_b, 5, seed=2)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), f"{bits}-bit state: resume must be bit-exact"
+
+
+def test_qadamw_wrong_width_load_error():
+    a = _adam_problem()
+    state = QAdamW(a, m_bits=8, v_bits=8).state_dict()
+    with pytest.raises(qgpt.UserError, match="saved with m_bits=8 but this run uses m_bits=4"):
+        QAdamW(_adam_problem(), m_bits=4, v_bits=8).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and training loop
+
+def test_model_shapes_and_initial_loss(tmp_path):
+    model = qgpt.GPT(tiny_cfg(tmp_path), vocab_size=50)
+    idx = torch.randint(0, 50, (3, 16))
+    logits, loss = model(idx, torch.randint(0, 50, (3, 16)))
+    assert logits.shape == (3, 16, 50)
+    assert abs(loss.item() - math.log(50)) < 0.1, f"loss at init {loss.item():.3f} must be near ln(50) = 3.91"
+
+
+def test_overfit_one_batch(tmp_path):
+    torch.manual_seed(0)
+    model = qgpt.GPT(tiny_cfg(tmp_path), vocab_size=20)
+    opt = QAdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    x = torch.randint(0, 20, (2, 16))
+    for _ in range(150):
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.1, f"one batch must be memorized, loss {loss.item():.3f}"
+
+
+def test_lr_schedule():
+    cfg = Config(lr=1.0, min_lr=0.1, warmup_iters=9, max_iters=109)
+    assert qgpt.get_lr(0, cfg) == pytest.approx(0.1) and qgpt.get_lr(8, cfg) == pytest.approx(0.9)
+    assert qgpt.get_lr(9, cfg) == pytest.approx(1.0), "peak at the end of warmup"
+    assert qgpt.get_lr(59, cfg) == pytest.approx(0.55), "half-way through the cosine: (1 + 0.1) / 2"
+    assert qgpt.get_lr(109, cfg) == pytest.approx(0.1) and qgpt.get_lr(500, cfg) == 0.1
+
+
+def test_two_cpu_runs_are_bit_identical(char_data):
+    cfg = tiny_cfg(char_data, dropout=0.1, wbits=8, abits=8, m_bits=8)
+    first, second = qgpt.train(cfg), qgpt.train(cfg)
+    assert first["losses"] == second["losses"] and len(first["losses"]) == 20
+    assert first["evals"][-1][2] < first["evals"][0][2], "val loss must fall"
+
+
+@pytest.mark.parametrize("preset", ["baseline", "int8,adam4"])
+def test_checkpoint_resume_matches_uninterrupted(char_data, preset):
+    over = {k: v for name in preset.split(",") for k, v in qgpt.PRESETS[name].items()}
+    full = qgpt.train(tiny_cfg(char_data, dropout=0.1, **over))
+    half = tiny_cfg(char_data, dropout=0.1, out_dir=str(char_data / "half"), **over)
+    assert qgpt.train(half, stop_at=10)["losses"] == full["losses"][:10]
+    resumed = qgpt.train(Config(**{**half.__dict__, "init_from": "resume"}))
+    assert resumed["losses"] == full["losses"][10:], "resumed losses must equal the uninterrupted run's"
+    assert resumed["evals"][-1] == full["evals"][-1]
+
+
+def test_paper_recipe_trains(char_data):
+    history = qgpt.train(tiny_cfg(char_data, preset="w8a8g8", wbits=8, abits=8, gbits=8, max_iters=40))
+    evals = history["evals"]
+    assert evals[-1][2] < evals[0][2] - 0.5, f"w8a8g8 val loss must fall: {evals}"
+
+
+def test_sample_from_checkpoint(char_data, capsys):
+    qgpt.train(tiny_cfg(char_data))
+    assert qgpt.main(["--mode", "sample", "--out_dir", str(char_data / "out"), "--prompt", "LINE",
+                      "--max_new_tokens", "20", "--num_samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("LINE") >= 2 and out.count("-" * 40) == 2
+
+
+def test_sigkill_then_resume_matches(char_data):
+    """A run killed with SIGKILL resumes from its last checkpoint to the same final losses."""
+    args = [sys.executable, os.path.join(HERE, "qgpt.py"), "--data_dir", str(char_data / "data"),
+            "--dataset", "corpus_char", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
+            "--batch_size", "4", "--max_iters", "600", "--eval_interval", "20", "--eval_iters", "2",
+            "--max_new_tokens", "0"]
+    killed = args + ["--out_dir", str(char_data / "killed")]
+    proc = subprocess.Popen(killed, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (char_data / "killed" / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(char_data / "killed" / "ckpt.pt", weights_only=True)
+    assert 0 < ckpt["iter"] < 600, "the kill must land mid-run"
+    out = subprocess.run(killed + ["--init_from", "resume"], capture_output=True, text=True).stdout
+    ref = subprocess.run(args + ["--out_dir", str(char_data / "ref")], capture_output=True, text=True).stdout
+    last = [line for line in out.splitlines() if line.startswith("step 600: train")]
+    assert last and last == [line for line in ref.splitlines() if line.startswith("step 600: train")], out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--wbits", "9"], "--wbits 9 is not supported"),
+    (["--m_bits", "6"], "--m_bits 6 is not supported"),
+    (["--batch_size", "0"], "--batch_size must be a positive integer"),
+    (["--preset", "w3"], "unknown preset 'w3'"),
+    (["--dataset", "nowhere"], "prepare_data.py"),
+    (["--backend", "triton"], "--recipe int8"),
+    (["--recipe", "int8", "--backend", "triton", "--wbits", "8"], "needs a CUDA GPU"),
+    (["--w_granularity", "group", "--group_size", "48", "--wbits", "8"], "does not divide"),
+    (["--mode", "sample", "--out_dir", "/nonexistent"], "no checkpoint"),
+])
+def test_bad_input_one_clear_line(char_data, capsys, flags, message):
+    base = ["--data_dir", str(char_data / "data"), "--dataset", "corpus_char", "--out_dir", str(char_data / "o")]
+    assert qgpt.main(base + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, f"expected one line with '{message}', got {err!r}"
+
+
+def test_corrupt_checkpoint_is_refused(char_data, capsys):
+    (char_data / "o").mkdir()
+    (char_data / "o" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    assert qgpt.main(["--mode", "sample", "--out_dir", str(char_data / "o")]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        qgpt.main(["-h"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    missing = [f.name for f in qgpt.dataclasses.fields(Config) if f"--{f.name}" not in out]
+    assert not missing, f"-h must list every Config field; missing {missing}"
+
+
+def test_compare_helper(capsys):
+    assert compare("same", torch.ones(3), torch.ones(3))
+    assert compare("near", torch.ones(3), torch.ones(3) + 1e-7, rtol=1e-6)
+    assert not compare("far", torch.ones(3), torch.zeros(3))
+    out = capsys.readouterr().out
+    assert "same: exact" in out and "near: close" in out and "far: DIFFERENT, max |diff| 1" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels.py under Triton's interpreter
+
+kernels = pytest.importorskip("kernels")
+needs_triton = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 17, 5), (33, 64, 31), (64, 130, 48), (130, 40, 129)])
+def test_kernel_int8_matmul_exact_int32(M, K, N):
+    gen = torch.Generator().manual_seed(M * K * N)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=gen)
+    b = torch.randint(-128, 128, (K, N), dtype=torch.int8, generator=gen)
+    ones_m, ones_n = torch.ones(M), torch.ones(N)
+    expected = a.int() @ b.int()
+    for name, aa, bb in [("row-major", a, b), ("column-major B", a, b.t().contiguous().t()),
+                         ("column-major A", a.t().contiguous().t(), b)]:
+        got = kernels.int8_matmul(aa, ones_m, bb, ones_n, out_dtype=torch.int32)
+        assert torch.equal(got, expected), f"{name} {M}x{K}x{N}: int32 sums differ from A.int() @ B.int()"
+
+
+@needs_triton
+def test_kernel_int8_matmul_strided_inputs_and_epilogue():
+    gen = torch.Generator().manual_seed(0)
+    big_a = torch.randint(-128, 128, (70, 90), dtype=torch.int8, generator=gen)
+    big_b = torch.randint(-128, 128, (90, 80), dtype=torch.int8, generator=gen)
+    a, b = big_a[::2, 5:50], big_b[10:55, ::3]  # (35, 45) and (45, 27), non-unit strides
+    assert torch.equal(kernels.int8_matmul(a, torch.ones(35), b, torch.ones(27), out_dtype=torch.int32),
+                       a.int() @ b.int()), "strided inputs"
+    a_scale, b_scale, bias = torch.rand(35, 1) + 0.1, torch.rand(1, 27) + 0.1, torch.randn(27)
+    got = kernels.int8_matmul(a, a_scale, b, b_scale, bias)
+    ref = kernels.int8_matmul_reference(a, a_scale, b, b_scale, bias)
+    # The epilogue is the same fp32 operations in the same order; 1e-6 leaves room for a fused multiply-add.
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6), f"epilogue max diff {(got - ref).abs().max()}"
+    got16 = kernels.int8_matmul(a, a_scale, b, b_scale, bias, out_dtype=torch.bfloat16)
+    # bf16 keeps 8 significant bits; Triton's interpreter truncates the cast where a GPU rounds to nearest:
+    # one bf16 step (2^-7 relative) covers both.
+    assert got16.dtype == torch.bfloat16 and torch.allclose(got16.float(), ref, rtol=2 ** -7, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("M,K", [(1, 1), (5, 129), (40, 300), (17, 64)])
+def test_kernel_quantize_equals_qgpt_quantize(M, K):
+    x = torch.randn(M, K) * torch.rand(M, 1) * 4
+    x[0, :] = 0.0  # an all-zero row takes the floor
+    for bits in (8, 4):
+        codes, scale = kernels.quantize_rows(x, bits)
+        ref_codes, ref_scale, _ = quantize(x, bits, "row")
+        assert torch.equal(codes, ref_codes), f"quantize_rows {bits}-bit codes differ from qgpt.quantize(row)"
+        assert torch.equal(scale, ref_scale), "quantize_rows scales differ"
+        codes, scale = kernels.quantize_columns(x, bits)
+        ref_codes, ref_scale, _ = quantize(x, bits, "column")
+        assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale), "quantize_columns differs"
+    codes, scale = kernels.quantize_rows(x.to(torch.bfloat16))
+    ref_codes, ref_scale, _ = quantize(x.to(torch.bfloat16), 8, "row")
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale), "bf16 input"
+
+
+@needs_triton
+def test_kernel_backend_matches_sim_backend():
+    cfg = Config(recipe="int8", wbits=8, abits=8, gbits=8, g_matmuls="both")
+    x, g = torch.randn(2, 9, 24), torch.randn(2, 9, 16)
+    _, sim = _linear_pair(cfg, qgpt.SimBackend)
+    _, tri = _linear_pair(cfg, kernels.TritonBackend)
+    for name, a, b in zip(["output", "dX", "dW", "db"], _grads(tri, x, g), _grads(sim, x, g)):
+        # same codes and scales; sums in int32 (Triton) vs fp32 (sim): fp32 rounding only
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"triton vs sim {name}: max {(a - b).abs().max()}"

@@ -93,6 +93,7 @@ class Config:
     beta2: float = opt(0.99, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     skip_nonfinite: bool = opt(False, "skip steps with a non-finite loss instead of stopping")
+    allow_config_change: bool = opt(False, "resume even if the quantization flags differ from the checkpoint's")
     # system
     device: str = opt("auto", "auto | cpu | cuda | mps")
     compile: bool = opt(False, "torch.compile the model")
@@ -880,12 +881,28 @@ def autocast_context(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def check_group_sizes(model, cfg):
+    """Group granularity needs group_size to divide every quantized row: inputs for W and X, outputs for G."""
+    if cfg.recipe != "paper":
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, QLinear):
+            for flag, bits, width in [("w", cfg.wbits, module.in_features), ("a", cfg.abits, module.in_features),
+                                      ("g", cfg.gbits, module.out_features)]:
+                if bits < 16 and canonical_granularity(getattr(cfg, flag + "_granularity")) == "group" \
+                        and width % cfg.group_size:
+                    raise UserError(f"--group_size {cfg.group_size} does not divide the width {width} of {name} "
+                                    f"(--{flag}_granularity group): pick a divisor, or exclude the head with "
+                                    f"--no-quantize_head")
+
+
 def build_model(cfg, vocab_size, device):
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, vocab_size)
     backend = select_backend(cfg, device)
     if min(cfg.wbits, cfg.abits, cfg.gbits) <= 8:
         swapped = quantize_model(model, cfg, backend)
+        check_group_sizes(model, cfg)
         print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} g{cfg.gbits})")
     return model.to(device)
 
@@ -904,6 +921,31 @@ def evaluate(model, data, cfg, device):
     return out
 
 
+def m_sharpness(model, data, cfg, device, rho=0.05, batches=8):
+    """The paper's m-sharpness: loss increase after one SAM ascent step of radius rho, averaged.
+
+    Per batch: g = grad L(w); L(w + rho * g / ||g||) - L(w). Dropout off; weights restored after.
+    """
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    increases = []
+    for _ in range(batches):
+        x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, gen, device)
+        loss = model(x, y)[1]
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).clamp(min=1e-12)
+        with torch.no_grad():
+            steps = [rho * g / norm for g in grads]
+            for p, e in zip(params, steps):
+                p.add_(e)
+            increases.append(model(x, y)[1].item() - loss.item())
+            for p, e in zip(params, steps):
+                p.sub_(e)
+    model.train()
+    return sum(increases) / len(increases)
+
+
 def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta):
     """Write to a temporary file, then rename: a crash leaves the previous checkpoint intact."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
@@ -917,25 +959,75 @@ def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta):
 
 
 def load_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint holds tensors and plain values, never code."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train first (python qgpt.py), or point --out_dir at one")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or corrupt file
+    except Exception as e:  # truncated, corrupt, or holding objects that are not plain data
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt or truncated")
+
+
+SHAPE_KEYS = ["n_layer", "n_head", "n_embd", "block_size", "bias"]
+QUANT_KEYS = ["recipe", "wbits", "abits", "gbits", "w_granularity", "a_granularity", "g_granularity",
+              "group_size", "a_asymmetric", "g_matmuls", "quantize_head", "m_bits", "v_bits", "m_granularity",
+              "v_granularity", "state_block_size", "v_map"]
+
+
+def check_resume(ckpt, cfg, meta):
+    """Refuse to resume into another model shape, vocabulary or (without the flag) quantization."""
+    saved = ckpt["config"]
+    shape = [f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in SHAPE_KEYS if saved.get(k) != getattr(cfg, k)]
+    if shape:
+        raise UserError(f"the checkpoint has another model shape ({', '.join(shape)}): use its flags to resume")
+    if ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
+        raise UserError(f"dataset '{cfg.dataset}' has vocab {meta['vocab_size']} but the checkpoint was trained "
+                        f"with vocab {ckpt['meta']['vocab_size']}: resume on the dataset it was trained on")
+    quant = [f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in QUANT_KEYS if saved.get(k) != getattr(cfg, k)]
+    if quant and not cfg.allow_config_change:
+        raise UserError(f"the checkpoint was trained with another quantization ({', '.join(quant)}): add "
+                        f"--allow_config_change to switch it on resume")
+    return quant
+
+
+def setup_distributed(cfg):
+    """Under torchrun (RANK set): join the process group; returns (rank, world_size, device)."""
+    device = pick_device(cfg.device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if cfg.grad_accum % world:
+        raise UserError(f"--grad_accum {cfg.grad_accum} must be a multiple of the {world} processes")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank > 0:  # logs, tables and checkpoints come from rank 0
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def _all_reduce(value, world):
+    """Sum a float over the processes (identity in a single process)."""
+    if world == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item()
 
 
 def train(cfg, stop_at=None):
     """Train cfg; returns {'losses': [per-step train loss], 'evals': [(step, train, val)], ...}.
 
     stop_at: behave as if interrupted at that step (evaluate, save, return), for tests.
+    Under torchrun every process draws every micro-batch from the same generator and computes the
+    ones whose index falls to it, so N processes see exactly the global batch of one process.
     """
     validate_config(cfg)
-    device = pick_device(cfg.device)
+    rank, world, device = setup_distributed(cfg)
     data, meta = load_data(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if not os.access(cfg.out_dir, os.W_OK):
-        raise UserError(f"output folder {cfg.out_dir} is not writable: choose another with --out_dir")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     model = build_model(cfg, meta["vocab_size"], device)
     optimizer = make_optimizer(model, cfg)
@@ -943,8 +1035,13 @@ def train(cfg, stop_at=None):
     start, best_val = 0, float("inf")
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
+        changed = check_resume(ckpt, cfg, meta)
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if any(k in ("m_bits", "v_bits", "m_granularity", "v_granularity", "state_block_size", "v_map")
+               for k in (c.split()[0] for c in changed)):
+            print("optimizer states start afresh (their format changed)")
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         start, best_val = ckpt["iter"], ckpt["best_val"]
         torch.set_rng_state(ckpt["rng_cpu"])
         batch_gen.set_state(ckpt["rng_batches"])
@@ -953,6 +1050,12 @@ def train(cfg, stop_at=None):
         print(f"resumed from {ckpt_path} at step {start}")
     else:
         torch.manual_seed(cfg.seed)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {cfg.out_dir} ({e.strerror}): choose another --out_dir")
+    if not os.access(cfg.out_dir, os.W_OK):
+        raise UserError(f"output folder {cfg.out_dir} is not writable: choose another with --out_dir")
     print(memory_table(model, optimizer))
     run_model = model
     if cfg.compile:
@@ -960,6 +1063,9 @@ def train(cfg, stop_at=None):
             run_model = torch.compile(model)
         except Exception as e:
             print(f"torch.compile unavailable ({type(e).__name__}); running eagerly")
+    step_model = run_model
+    if world > 1:
+        step_model = nn.parallel.DistributedDataParallel(run_model, device_ids=[device.index] if device.type == "cuda" else None)
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))
     history = {"losses": [], "evals": [], "skipped": 0, "diverged_at": None, "tokens_per_s": 0.0}
@@ -967,13 +1073,13 @@ def train(cfg, stop_at=None):
     t0 = t_start = time.time()
     try:
         for it in range(start, cfg.max_iters + 1):
-            stop["signal"] |= it == stop_at
+            stop["signal"] = _all_reduce(stop["signal"] or it == stop_at, world) > 0  # all ranks stop together
             if it % cfg.eval_interval == 0 or it == cfg.max_iters or stop["signal"]:
                 losses = evaluate(run_model, data, cfg, device)
                 history["evals"].append((it, losses["train"], losses["val"]))
                 best_val = min(best_val, losses["val"])
                 print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if it > start or stop["signal"]:
+                if (it > start or stop["signal"]) and rank == 0:
                     save_checkpoint(ckpt_path, model, optimizer, cfg, it, best_val, batch_gen, meta)
                 if stop["signal"]:
                     print(f"interrupted: saved step {it} to {ckpt_path}; continue with --init_from resume")
@@ -988,24 +1094,28 @@ def train(cfg, stop_at=None):
                 if isinstance(module, QLinear):
                     module.stats = {} if diagnose else None
             loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, batch_gen, device)
-                with autocast_context(device):
-                    _, loss = run_model(x, y)
-                (loss / cfg.grad_accum).backward()
+                if micro % world != rank:
+                    continue  # another process computes this micro-batch
+                last = micro + world >= cfg.grad_accum  # DDP syncs gradients only on the last one
+                with nullcontext() if last or world == 1 else step_model.no_sync():
+                    with autocast_context(device):
+                        _, loss = step_model(x, y)
+                    (loss * world / cfg.grad_accum).backward()  # DDP averages over the processes
                 loss_sum += loss.item() / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            else:
-                grad_norm = torch.tensor(0.0)
+            loss_sum = _all_reduce(loss_sum, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
+                                                       float("inf"))
             if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
                 if not cfg.skip_nonfinite:
                     history["diverged_at"] = it
                     print(f"step {it}: non-finite loss or gradient (recipe {cfg.recipe}, w{cfg.wbits} a{cfg.abits} "
-                          f"g{cfg.gbits} m{cfg.m_bits} v{cfg.v_bits}); stopping, last checkpoint kept")
+                          f"g{cfg.gbits} m{cfg.m_bits} v{cfg.v_bits}); stopped, last good checkpoint kept")
                     break
                 history["skipped"] += 1
-                optimizer.zero_grad(set_to_none=True)
+                print(f"step {it}: non-finite loss or gradient, step skipped ({history['skipped']} so far)")
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -1019,9 +1129,8 @@ def train(cfg, stop_at=None):
                       f"{tokens_per_step / dt:.0f} tokens/s")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-    steps_done = max(1, len(history["losses"]))
-    history["tokens_per_s"] = steps_done * tokens_per_step / max(time.time() - t_start, 1e-9)
-    history["model"], history["meta"] = model, meta
+    history["tokens_per_s"] = max(1, len(history["losses"])) * tokens_per_step / max(time.time() - t_start, 1e-9)
+    history["model"], history["meta"], history["data"], history["device"] = model, meta, data, device
     return history
 
 
@@ -1054,18 +1163,23 @@ def main(argv=None):
         validate_config(cfg)
         if cfg.mode == "sample":
             sample(cfg)
-        elif cfg.mode == "memory":
-            model = build_model(cfg, 50304 if cfg.dataset == "shakespeare" else 65, torch.device("cpu"))
+        elif cfg.mode == "memory":  # no data needed: the dataset's vocabulary if it exists, else GPT-2's
+            meta_path = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")
+            vocab_size = load_data(cfg)[1]["vocab_size"] if os.path.isfile(meta_path) else 50257
+            model = build_model(cfg, vocab_size, torch.device("cpu"))
             print(memory_table(model, make_optimizer(model, cfg)))
         else:
             history = train(cfg)
             if history["diverged_at"] is not None:
                 return 1
-            sample(dataclasses.replace(cfg, max_new_tokens=min(cfg.max_new_tokens, 200)),
-                   history["model"], history["meta"])
+            if cfg.max_new_tokens > 0:
+                sample(cfg, history["model"], history["meta"])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

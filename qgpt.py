@@ -152,9 +152,16 @@ PRESETS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag costs one line on stderr and exit code 2, not a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python qgpt.py -h)\n")
+
+
 def build_parser(show_defaults=True):
     """argparse from Config. With show_defaults=False, only flags given explicitly are returned."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="qgpt: quantized GPT-2 pre-training (see the module docstring).",
         epilog="presets: " + ", ".join(PRESETS), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=None if show_defaults else argparse.SUPPRESS)
@@ -202,12 +209,11 @@ def validate_config(cfg):
     for name in ["m_bits", "v_bits"]:
         if getattr(cfg, name) not in (4, 8, 16, 32):
             raise UserError(f"--{name} {getattr(cfg, name)} is not supported: use 4, 8, 16 or 32")
-    if cfg.recipe == "paper":
-        for name in ["w_granularity", "a_granularity", "g_granularity"]:
-            if canonical_granularity(getattr(cfg, name)) == "group":
-                for width in {cfg.n_embd, 4 * cfg.n_embd}:
-                    if width % cfg.group_size:
-                        raise UserError(f"--group_size {cfg.group_size} does not divide the width {width}")
+    odd = [f"--{k} {getattr(cfg, k)}" for k in ("w_granularity", "a_granularity", "g_granularity")
+           if canonical_granularity(getattr(cfg, k)) != "row"]
+    if cfg.recipe == "int8" and (odd or cfg.a_asymmetric):
+        raise UserError(f"the int8 recipe fixes every scale to rows of the matmul operands; "
+                        f"{', '.join(odd) or '--a_asymmetric'} needs --recipe paper")
     if cfg.backend == "triton" and cfg.recipe != "int8":
         raise UserError("--backend triton runs the int8 recipe only: add --recipe int8 (or --preset int8)")
 
@@ -1158,6 +1164,7 @@ def sample(cfg, model=None, meta=None):
 
 
 def main(argv=None):
+    """Entry point; returns the exit code (0 done, 1 diverged, 2 bad input)."""
     try:
         cfg = parse_config(argv)
         validate_config(cfg)

@@ -475,13 +475,137 @@ def test_sigkill_then_resume_matches(char_data):
     (["--backend", "triton"], "--recipe int8"),
     (["--recipe", "int8", "--backend", "triton", "--wbits", "8"], "needs a CUDA GPU"),
     (["--w_granularity", "group", "--group_size", "48", "--wbits", "8"], "does not divide"),
+    (["--g_granularity", "group", "--group_size", "24", "--gbits", "8"], "does not divide the width"),
+    (["--recipe", "int8", "--g_granularity", "tensor"], "needs --recipe paper"),
+    (["--w_granularity", "block"], "invalid choice: 'block'"),
     (["--mode", "sample", "--out_dir", "/nonexistent"], "no checkpoint"),
+    (["--block_size", "-3"], "--block_size must be a positive integer"),
+    (["--block_size", "4000"], "shorter than one block"),
+    (["--out_dir", "/dev/null/out"], "cannot create the output folder"),
 ])
 def test_bad_input_one_clear_line(char_data, capsys, flags, message):
-    base = ["--data_dir", str(char_data / "data"), "--dataset", "corpus_char", "--out_dir", str(char_data / "o")]
-    assert qgpt.main(base + flags) == 2
+    base = ["--data_dir", str(char_data / "data"), "--dataset", "corpus_char", "--out_dir", str(char_data / "o"),
+            "--max_iters", "2"]
+    try:
+        code = qgpt.main(base + flags)
+    except SystemExit as e:  # argparse's own checks (choices, types)
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, f"expected one line with '{message}', got {err!r}"
+    assert not (char_data / "o" / "ckpt.pt").exists(), "a refused run must write nothing"
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(n_embd=64), "another model shape (n_embd 32 -> 64)"),
+    (dict(wbits=8), "another quantization (wbits 32 -> 8)"),
+    (dict(m_bits=8), "another quantization (m_bits 32 -> 8)"),
+    (dict(dataset="other_char"), "has vocab"),
+])
+def test_resume_refuses_a_different_run(char_data, change, message):
+    qgpt.train(tiny_cfg(char_data, max_iters=10))
+    (char_data / "other.txt").write_text("abc " * 500)
+    prepare_data.main(["--input", str(char_data / "other.txt"), "--tokenizer", "char", "--out_dir", str(char_data / "data")])
+    before = (char_data / "out" / "ckpt.pt").read_bytes()
+    with pytest.raises(qgpt.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        qgpt.train(tiny_cfg(char_data, max_iters=20, init_from="resume", **change))
+    assert (char_data / "out" / "ckpt.pt").read_bytes() == before, "the checkpoint must stay untouched"
+    if "quantization" in message:  # the flag lets it through
+        history = qgpt.train(tiny_cfg(char_data, max_iters=20, init_from="resume", allow_config_change=True, **change))
+        assert len(history["losses"]) == 10
+
+
+def test_truncated_checkpoint_is_refused(char_data, capsys):
+    qgpt.train(tiny_cfg(char_data, max_iters=10))
+    path = char_data / "out" / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[:5000])
+    assert qgpt.main(["--mode", "sample", "--out_dir", str(char_data / "out")]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_kill_during_save_keeps_last_checkpoint(char_data, monkeypatch):
+    """A process that dies while writing leaves a partial .tmp file; ckpt.pt stays the last good one."""
+    cfg = tiny_cfg(char_data)
+    qgpt.train(cfg, stop_at=10)
+    good = (char_data / "out" / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        with open(path, "r+b") as f:
+            f.truncate(1000)  # half-written
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(qgpt.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        qgpt.train(Config(**{**cfg.__dict__, "init_from": "resume"}))
+    monkeypatch.setattr(qgpt.torch, "save", real_save)
+    assert (char_data / "out" / "ckpt.pt").read_bytes() == good
+    history = qgpt.train(Config(**{**cfg.__dict__, "init_from": "resume"}))
+    assert history["evals"][-1][0] == 20
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_nonfinite_loss_guard(char_data, monkeypatch, capsys, skip):
+    real_forward, calls = qgpt.GPT.forward, {"n": 0}
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 13:  # the 13th training micro-step: step 12
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(qgpt.GPT, "forward", poisoned)
+    history = qgpt.train(tiny_cfg(char_data, skip_nonfinite=skip))
+    out = capsys.readouterr().out
+    if skip:
+        assert history["skipped"] == 1 and len(history["losses"]) == 19 and "step skipped" in out
+    else:
+        assert history["diverged_at"] == 12 and "step 12: non-finite loss or gradient (recipe paper" in out
+        assert torch.load(char_data / "out" / "ckpt.pt", weights_only=True)["iter"] == 10, "last good checkpoint"
+
+
+def test_sigint_saves_and_exits_zero(char_data):
+    args = [sys.executable, os.path.join(HERE, "qgpt.py"), "--data_dir", str(char_data / "data"), "--dataset",
+            "corpus_char", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size",
+            "4", "--max_iters", "100000", "--log_interval", "10", "--out_dir", str(char_data / "out")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 20:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    saved = [line for line in out.splitlines() if line.startswith("interrupted: saved step")]
+    assert saved, out
+    step = int(saved[0].split()[3])
+    assert torch.load(char_data / "out" / "ckpt.pt", weights_only=True)["iter"] == step
+
+
+def test_ddp_two_processes_match_one(char_data):
+    """torchrun, gloo, 2 processes: the same global batch as 1 process gives the same losses."""
+    common = ["qgpt.py", "--data_dir", str(char_data / "data"), "--dataset", "corpus_char", "--n_layer", "1",
+              "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "4", "--grad_accum", "2",
+              "--max_iters", "12", "--eval_interval", "6", "--eval_iters", "2", "--log_interval", "1",
+              "--max_new_tokens", "0", "--m_bits", "8", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                          "--out_dir", str(char_data / "two")], capture_output=True, text=True, cwd=HERE, env=env)
+    one = subprocess.run([sys.executable, *common, "--out_dir", str(char_data / "one")], capture_output=True,
+                         text=True, cwd=HERE, env=env)
+    assert two.returncode == 0 and one.returncode == 0, two.stderr[-2000:] + one.stderr[-2000:]
+
+    def losses(out):
+        return [float(line.split()[3].rstrip(",")) for line in out.splitlines() if ": loss " in line]
+
+    assert len(losses(two.stdout)) == 12, "rank 0 logs every step, once"
+    # Gradients are summed in another order (all-reduce vs accumulation): fp32 rounding, printed to 4 decimals.
+    assert np.allclose(losses(two.stdout), losses(one.stdout), atol=2e-4), (losses(two.stdout), losses(one.stdout))
+    resumed = subprocess.run([sys.executable, *common, "--out_dir", str(char_data / "two"), "--init_from", "resume",
+                              "--max_iters", "14"], capture_output=True, text=True, cwd=HERE, env=env)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
 
 
 def test_corrupt_checkpoint_is_refused(char_data, capsys):

@@ -79,6 +79,7 @@ if triton is not None:
         # div_rn: IEEE division, as torch does; Triton's `/` on fp32 is approximate on GPUs.
         return tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale)), -qmax - 1.0), qmax)
 
+    # SEAM: kernel_quantize
     @triton.jit
     def quantize_rows_kernel(
             x_ptr, codes_ptr, scale_ptr,  # pointers
@@ -86,7 +87,7 @@ if triton is not None:
             stride_xm, stride_xk, stride_cm, stride_ck,  # strides
             qmax, absmax_floor,  # quantizer
             BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr):  # meta-parameters
-        row = tl.program_id(0)  # SEAM: quantize_rows_kernel
+        row = tl.program_id(0)
         offs_k = tl.arange(0, BLOCK_K)
         x_row = x_ptr + row * stride_xm
         c_row = codes_ptr + row * stride_cm
@@ -108,6 +109,7 @@ if triton is not None:
                 tl.store(c_row + (k0 + offs_k) * stride_ck, _codes(x, scale, qmax).to(tl.int8), mask=mask)
         tl.store(scale_ptr + row, scale)
 
+    # SEAM: kernel_quantize
     @triton.jit
     def quantize_columns_kernel(
             x_ptr, codes_ptr, scale_ptr,
@@ -131,6 +133,7 @@ if triton is not None:
             tl.store(codes_ptr + (m0 + offs_m)[:, None] * stride_cm + offs_n[None, :] * stride_cn, codes, mask=mask)
         tl.store(scale_ptr + offs_n, scale, mask=mask_n)
 
+    # SEAM: kernel_matmul
     @triton.jit
     def int8_matmul_kernel(
             a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,  # pointers
@@ -139,7 +142,7 @@ if triton is not None:
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # meta-parameters
             GROUP_M: tl.constexpr, DEQUANT: tl.constexpr, HAS_BIAS: tl.constexpr):
         # Grouped tile order: GROUP_M row-tiles share their B columns while they sit in L2.
-        pid = tl.program_id(0)  # SEAM: int8_matmul_kernel
+        pid = tl.program_id(0)
         num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         group_id = pid // (GROUP_M * num_pid_n)
         first_m = group_id * GROUP_M

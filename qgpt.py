@@ -15,6 +15,9 @@ Run it:
     python qgpt.py -h                              # every flag
     python -m pytest test_qgpt.py                  # the tests (CPU only)
 
+Course seams: the functions under a `# SEAM: <name>` comment are the ones a course blanks out;
+`python test_qgpt.py blank <name> --out course/` does it, `pytest test_qgpt.py -k <name>` grades it.
+
 How it works:
  1. `quantize` maps a float tensor to integer codes with one scale per tensor, row, column or
     group: scale = absmax / (2^(b-1) - 1), code = clamp(round(x / scale)). Dynamic: the scale is
@@ -226,8 +229,9 @@ def canonical_granularity(granularity):
     return {"channel": "row", "token": "row"}.get(granularity, granularity)
 
 
+# SEAM: quantizer
 def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=1e-5):
-    """Linear quantization of `x` to `bits`-bit signed integer codes.  # SEAM: quantize
+    """Linear quantization of `x` to `bits`-bit signed integer codes.
 
     Returns (codes, scale, zero_point):
       codes       int8, same shape as x, in [-2^(b-1), 2^(b-1) - 1]
@@ -274,8 +278,9 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, abs
     return codes, scale, zero_point
 
 
+# SEAM: dequant
 def dequantize(codes, scale, zero_point=None):
-    """x_hat = (codes - zero_point) * scale, in fp32 with the shape of codes.  # SEAM: dequantize"""
+    """x_hat = (codes - zero_point) * scale, in fp32 with the shape of codes."""
     q = codes.float()
     if scale.dim() == 3:  # group scales (R, C // g, 1): view the codes as (R, C // g, g)
         q = q.view(scale.shape[0], scale.shape[1], -1)
@@ -285,7 +290,7 @@ def dequantize(codes, scale, zero_point=None):
 
 
 class FakeQuantize(torch.autograd.Function):
-    """x -> dequantize(quantize(x)) with a straight-through backward.  # SEAM: fake_quantize
+    """x -> dequantize(quantize(x)) with a straight-through backward.
 
     Backward: identity. The scale is recomputed from the tensor itself (absmax), so every element
     lies inside the representable range and nothing is ever clipped; with a fixed or learned scale,
@@ -293,10 +298,12 @@ class FakeQuantize(torch.autograd.Function):
     """
 
     @staticmethod
+    # SEAM: straight_through
     def forward(ctx, x, bits, granularity, symmetric=True, group_size=None, absmax_floor=1e-5):
         return dequantize(*quantize(x, bits, granularity, symmetric, group_size, absmax_floor)).to(x.dtype)
 
     @staticmethod
+    # SEAM: straight_through
     def backward(ctx, grad_output):
         return grad_output, None, None, None, None, None
 
@@ -418,6 +425,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         return _matmul_abt(xq, wq, backend, bias, out_dtype)
 
     @staticmethod
+    # SEAM: linear_backward
     def backward(ctx, grad_out):
         cfg, backend = ctx.cfg, ctx.backend
         g = grad_out.contiguous()  # G (M, N)
@@ -632,16 +640,18 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # QAdamW: AdamW whose moments are stored as real 8- or 4-bit codes (PAPER.md, "Optimizer states").
 
+# SEAM: pack4
 def pack_4bit(codes):
-    """uint8 codes in [0, 15], flat (n,) -> uint8 (ceil(n / 2),): two codes per byte.  # SEAM: pack_4bit"""
+    """uint8 codes in [0, 15], flat (n,) -> uint8 (ceil(n / 2),): two codes per byte."""
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])
     pairs = codes.view(-1, 2)
     return pairs[:, 0] | (pairs[:, 1] << 4)
 
 
+# SEAM: pack4
 def unpack_4bit(packed, numel):
-    """Inverse of pack_4bit: uint8 (ceil(n / 2),) -> uint8 codes (numel,).  # SEAM: unpack_4bit"""
+    """Inverse of pack_4bit: uint8 (ceil(n / 2),) -> uint8 codes (numel,)."""
     return torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[:numel]
 
 
@@ -656,8 +666,9 @@ def _state_rows(x, granularity, block_size):
     return torch.cat([flat, flat.new_zeros(pad)]).view(-1, block_size)
 
 
+# SEAM: adam_state
 def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="linear"):
-    """fp32 moment -> dict of plain tensors (codes, scale).  # SEAM: encode_state
+    """fp32 moment -> dict of plain tensors (codes, scale).
 
     Signed (first moment m): symmetric absmax codes from `quantize`, stored with an offset of
     2^(b-1) as unsigned bytes (or nibbles). Unsigned (second moment v >= 0): all 2^b levels cover
@@ -683,8 +694,9 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
     return {"codes": pack_4bit(codes) if bits == 4 else codes, "scale": scale}
 
 
+# SEAM: adam_state
 def decode_state(state, shape, bits, signed, v_map="linear"):
-    """Inverse of encode_state: dict -> fp32 tensor of `shape`.  # SEAM: decode_state"""
+    """Inverse of encode_state: dict -> fp32 tensor of `shape`."""
     if bits in (16, 32):
         return state["value"].float()
     scale = state["scale"]

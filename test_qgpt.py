@@ -9,6 +9,7 @@ imported); they skip only when triton itself is missing.
 """
 
 import json
+import re
 import math
 import os
 import signal
@@ -112,7 +113,7 @@ def test_prepare_errors(tmp_path, capsys, case, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # quantize / dequantize / fake quantization (qgpt.py, "Quantization primitives")
 
-def test_quantize_hand_checked_codes():
+def test_quantizer_hand_checked_codes():
     # absmax = qmax, so scale = 1 exactly and the codes are round(x), ties to even
     codes, scale, zp = quantize(torch.tensor([[63.5, -127.0, 32.25, 12.7]]), 8, "tensor")
     assert zp is None and scale.item() == 1.0, f"8-bit scale must be 127 / 127 = 1, got {scale.item()}"
@@ -127,14 +128,14 @@ def test_quantize_hand_checked_codes():
         f"per-row scales 1 and 0.5/7; got scale {scale.view(-1).tolist()}, codes {codes.tolist()}"
 
 
-def test_quantize_clamps_before_cast():
+def test_quantizer_clamps_before_cast():
     x = torch.tensor([[127.5, -127.5, 64.0]])  # asymmetric 8-bit: scale = 255 / 255 = 1
     codes, scale, zp = quantize(x, 8, "tensor", symmetric=False)
     assert scale.item() == 1.0 and zp.item() == 0.0, "zero point = -128 - round(-127.5) = 0"
     assert codes.tolist() == [[127, -128, 64]], f"127.5 rounds to 128 and must clamp to 127, not wrap; got {codes.tolist()}"
 
 
-def test_asymmetric_zero_point_positive_data():
+def test_quantizer_asymmetric_zero_point():
     x = torch.tensor([[0.0, 1.0, 2.0, 3.0]])  # GELU-like: all >= 0
     codes, scale, zp = quantize(x, 2, "row", symmetric=False)
     assert scale.item() == pytest.approx(1.0), "asymmetric 2-bit: scale = (3 - 0) / (2^2 - 1)"
@@ -144,14 +145,14 @@ def test_asymmetric_zero_point_positive_data():
 
 @pytest.mark.parametrize("granularity,shape", [("tensor", ()), ("row", (6, 1)), ("channel", (6, 1)),
                                                ("token", (6, 1)), ("column", (1, 8)), ("group", (6, 2, 1))])
-def test_scale_shapes(granularity, shape):
+def test_quantizer_scale_shapes(granularity, shape):
     x = torch.randn(6, 8)
     codes, scale, _ = quantize(x, 8, granularity, group_size=4)
     assert tuple(scale.shape) == shape, f"{granularity}: scale must have shape {shape}, got {tuple(scale.shape)}"
     assert codes.shape == x.shape
 
 
-def test_all_zero_input_gives_zeros():
+def test_quantizer_all_zero_input_gives_zeros():
     for granularity in ["tensor", "row", "column", "group"]:
         for symmetric in (True, False):
             codes, scale, zp = quantize(torch.zeros(3, 4), 4, granularity, symmetric, group_size=2)
@@ -161,7 +162,7 @@ def test_all_zero_input_gives_zeros():
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("granularity", ["tensor", "row", "column", "group"])
-def test_quantize_matches_paper_formula(bits, granularity):
+def test_quantizer_matches_paper_formula(bits, granularity):
     """An independent numpy version of PAPER.md's formula, on random data, code for code."""
     rng = np.random.default_rng(bits)
     x = (rng.standard_normal((8, 16)) * rng.uniform(0.01, 5, (8, 1))).astype(np.float32)
@@ -184,7 +185,20 @@ def test_quantize_matches_paper_formula(bits, granularity):
         "round-trip error must be at most half a step (1e-6: fp32 rounding of q * scale)"
 
 
-def test_fake_quantize_straight_through():
+def test_dequant_hand_checked():
+    codes = torch.tensor([[4, -7], [7, 3]], dtype=torch.int8)
+    x_hat = dequantize(codes, torch.tensor([[0.5], [2.0]]))
+    assert x_hat.tolist() == [[2.0, -3.5], [14.0, 6.0]], f"per-row scales multiply each row; got {x_hat.tolist()}"
+    assert x_hat.dtype == torch.float32, "dequantize returns fp32"
+    x_hat = dequantize(codes, torch.tensor([[0.5], [2.0]]), torch.tensor([[-2.0], [1.0]]))
+    assert x_hat.tolist() == [[3.0, -2.5], [12.0, 4.0]], f"(codes - zero_point) * scale; got {x_hat.tolist()}"
+    group_codes = torch.tensor([[1, 2, 3, 4]], dtype=torch.int8)
+    x_hat = dequantize(group_codes, torch.tensor([[[1.0], [10.0]]]))  # groups of 2: scale (1, 2, 1)
+    assert x_hat.tolist() == [[1.0, 2.0, 30.0, 40.0]], f"group scales cover consecutive pairs; got {x_hat.tolist()}"
+    assert dequantize(torch.tensor([3], dtype=torch.int8), torch.tensor(0.25)).tolist() == [0.75], "tensor scale"
+
+
+def test_straight_through_gradient():
     x = torch.randn(4, 8, requires_grad=True)
     y = qgpt.fake_quantize(x, 4, "row")
     assert not torch.equal(y, x), "4-bit fake quantization must change the values"
@@ -195,13 +209,14 @@ def test_fake_quantize_straight_through():
 # ----------------------------------------------------------------------------------------------
 # The quantized Linear
 
-def _linear_pair(cfg, backend=qgpt.SimBackend, bias=True, seed=0):
+def _linear_pair(cfg, backend=qgpt.SimBackend, bias=True, seed=0, module=qgpt):
+    """(nn.Linear, the same Linear swapped for a QLinear by module.quantize_model)."""
     torch.manual_seed(seed)
     ref = nn.Linear(24, 16, bias=bias)
     model = nn.Sequential(nn.Linear(24, 16, bias=bias))
     model[0].load_state_dict(ref.state_dict())
-    qgpt.quantize_model(model, cfg, backend)
-    assert isinstance(model[0], qgpt.QLinear)
+    module.quantize_model(model, cfg, backend)
+    assert isinstance(model[0], module.QLinear)
     return ref, model[0]
 
 
@@ -213,15 +228,16 @@ def _grads(module, x, g):
 
 
 @pytest.mark.parametrize("recipe", ["paper", "int8"])
-def test_qlinear_32_bits_equals_nn_linear(recipe):
+def test_linear_backward_32_bits_equals_nn_linear(recipe):
     ref, model = _linear_pair(Config(recipe=recipe))
     x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 16)
     for name, a, b in zip(["output", "dX", "dW", "db"], _grads(model, x, g), _grads(ref, x, g)):
-        assert torch.equal(a, b), f"{recipe} at 32 bits: {name} must equal nn.Linear's exactly"
+        assert compare(f"{recipe} w32 {name}", a, b) and torch.equal(a, b), \
+            f"{recipe} at 32 bits: {name} must equal nn.Linear's exactly"
 
 
 @pytest.mark.parametrize("recipe", ["paper", "int8"])
-def test_qlinear_8_bits_close_to_nn_linear(recipe):
+def test_linear_backward_8_bits_close_to_nn_linear(recipe):
     ref, model = _linear_pair(Config(recipe=recipe, wbits=8, abits=8, gbits=8, g_matmuls="both"))
     x, g = torch.randn(64, 24), torch.randn(64, 16)
     for name, a, b in zip(["output", "dX", "dW", "db"], _grads(model, x, g), _grads(ref, x, g)):
@@ -232,7 +248,7 @@ def test_qlinear_8_bits_close_to_nn_linear(recipe):
 
 
 @pytest.mark.parametrize("recipe", ["paper", "int8"])
-def test_gradient_flag_changes_only_its_matmul(recipe):
+def test_linear_backward_gradient_flag_changes_only_its_matmul(recipe):
     x, g = torch.randn(32, 24), torch.randn(32, 16)
     _, full = _linear_pair(Config(recipe=recipe))
     _, y0, dx0, dw0, db0 = (None, *_grads(full, x, g))
@@ -244,7 +260,7 @@ def test_gradient_flag_changes_only_its_matmul(recipe):
         assert torch.equal(dw, dw0) == (matmul == "dgrad"), f"g_matmuls={matmul}: dW quantized iff wgrad"
 
 
-def test_int8_recipe_scales_along_unsummed_axes():
+def test_linear_backward_int8_scales_along_unsummed_axes():
     """The int8 recipe's dX uses W quantized per input column: equal to an explicit computation."""
     cfg = Config(recipe="int8", wbits=4, gbits=4, g_matmuls="dgrad")
     _, model = _linear_pair(cfg)
@@ -282,7 +298,7 @@ def test_diagnostics_table(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # QAdamW
 
-def test_pack_4bit_round_trip():
+def test_pack4_round_trip():
     codes = torch.tensor([0, 15, 7, 8, 1], dtype=torch.uint8)
     packed = qgpt.pack_4bit(codes)
     assert packed.tolist() == [0xF0, 0x87, 0x01], f"low nibble first; got {[hex(b) for b in packed.tolist()]}"
@@ -314,7 +330,7 @@ def test_qadamw_32_bits_equals_torch_adamw():
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
-def test_state_round_trip_error(bits, granularity):
+def test_adam_state_round_trip_error(bits, granularity):
     torch.manual_seed(0)
     m = torch.randn(32, 256) * torch.rand(32, 1)
     state = qgpt.encode_state(m, bits, True, granularity, 128)
@@ -333,14 +349,14 @@ def test_state_round_trip_error(bits, granularity):
             assert (v_hat > 0).all(), f"v_map {v_map} must never decode to 0"
 
 
-def test_linear_map_has_the_zero_point_problem():
+def test_adam_state_linear_map_zero_point_problem():
     v = torch.tensor([1.0] + [1e-6] * 255)
     v_hat = qgpt.decode_state(qgpt.encode_state(v, 8, False, "tensor", v_map="linear"), v.shape, 8, False)
     assert (v_hat[1:] == 0).all(), "the paper's linear map rounds small v to exactly 0"
 
 
 @pytest.mark.parametrize("bits,limit", [(8, 2.1), (4, 1.1)])
-def test_state_bytes_per_parameter(bits, limit):
+def test_adam_state_bytes_per_parameter(bits, limit):
     p = nn.Parameter(torch.zeros(1024, 1024))
     opt = QAdamW([p], m_bits=bits, v_bits=bits)
     per_param = sum(qgpt.state_bytes(opt).values()) / p.numel()
@@ -641,7 +657,7 @@ needs_triton = pytest.mark.skipif(kernels.triton is None, reason="triton is not 
 
 @needs_triton
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 17, 5), (33, 64, 31), (64, 130, 48), (130, 40, 129)])
-def test_kernel_int8_matmul_exact_int32(M, K, N):
+def test_kernel_matmul_exact_int32(M, K, N):
     gen = torch.Generator().manual_seed(M * K * N)
     a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=gen)
     b = torch.randint(-128, 128, (K, N), dtype=torch.int8, generator=gen)
@@ -654,7 +670,7 @@ def test_kernel_int8_matmul_exact_int32(M, K, N):
 
 
 @needs_triton
-def test_kernel_int8_matmul_strided_inputs_and_epilogue():
+def test_kernel_matmul_strided_inputs_and_epilogue():
     gen = torch.Generator().manual_seed(0)
     big_a = torch.randint(-128, 128, (70, 90), dtype=torch.int8, generator=gen)
     big_b = torch.randint(-128, 128, (90, 80), dtype=torch.int8, generator=gen)
@@ -665,7 +681,7 @@ def test_kernel_int8_matmul_strided_inputs_and_epilogue():
     got = kernels.int8_matmul(a, a_scale, b, b_scale, bias)
     ref = kernels.int8_matmul_reference(a, a_scale, b, b_scale, bias)
     # The epilogue is the same fp32 operations in the same order; 1e-6 leaves room for a fused multiply-add.
-    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6), f"epilogue max diff {(got - ref).abs().max()}"
+    assert compare("epilogue", got, ref, rtol=1e-6, atol=1e-6), "fused epilogue differs from the reference"
     got16 = kernels.int8_matmul(a, a_scale, b, b_scale, bias, out_dtype=torch.bfloat16)
     # bf16 keeps 8 significant bits; Triton's interpreter truncates the cast where a GPU rounds to nearest:
     # one bf16 step (2^-7 relative) covers both.
@@ -698,4 +714,134 @@ def test_kernel_backend_matches_sim_backend():
     _, tri = _linear_pair(cfg, kernels.TritonBackend)
     for name, a, b in zip(["output", "dX", "dW", "db"], _grads(tri, x, g), _grads(sim, x, g)):
         # same codes and scales; sums in int32 (Triton) vs fp32 (sim): fp32 rounding only
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"triton vs sim {name}: max {(a - b).abs().max()}"
+        assert compare(f"triton vs sim {name}", a, b, rtol=1e-5, atol=1e-5), f"triton vs sim {name} differ"
+
+
+# ----------------------------------------------------------------------------------------------
+# Course tooling: blank a seam, and check that blanking breaks only the tests that depend on it.
+#   python test_qgpt.py blank quantizer adam_state --out course/   # a copy with those bodies blanked
+#   python test_qgpt.py check-seams                                 # blank each seam in turn, run the suite
+
+SEAM_FILES = ["qgpt.py", "kernels.py"]
+COURSE_FILES = SEAM_FILES + ["prepare_data.py", "test_qgpt.py", "requirements.txt", "README.md"]
+
+
+def seam_names():
+    found = set()
+    for name in SEAM_FILES:
+        with open(os.path.join(HERE, name)) as f:
+            found.update(re.findall(r"^\s*# SEAM: (\w+)$", f.read(), flags=re.M))
+    return sorted(found)
+
+
+def blank_seam(source, name):
+    """Replace the body (not the docstring) of each function tagged `# SEAM: name` by a raise."""
+    lines, out, i, count = source.splitlines(keepends=True), [], 0, 0
+    while i < len(lines):
+        out.append(lines[i])
+        i += 1
+        if lines[i - 1].strip() != f"# SEAM: {name}":
+            continue
+        while not lines[i].lstrip().startswith("def "):  # decorators between the tag and the def
+            out.append(lines[i])
+            i += 1
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        while not re.sub(r"#.*", "", lines[i]).rstrip().endswith(":"):  # a signature over several lines
+            out.append(lines[i])
+            i += 1
+        out.append(lines[i])
+        i += 1
+        if lines[i].strip().startswith('"""'):  # keep the docstring: it states the contract
+            closed = lines[i].count('"""') >= 2
+            out.append(lines[i])
+            i += 1
+            while not closed:
+                out.append(lines[i])
+                closed = '"""' in lines[i]
+                i += 1
+        while i < len(lines) and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) > indent):
+            i += 1
+        out.append(" " * (indent + 4) + f'raise NotImplementedError("course exercise: implement seam {name!r}")\n\n\n')
+        count += 1
+    return "".join(out), count
+
+
+@pytest.mark.parametrize("seam", ["quantizer", "dequant", "straight_through", "linear_backward", "pack4",
+                                  "adam_state", "kernel_quantize", "kernel_matmul"])
+def test_course_blanking_raises(seam, tmp_path):
+    assert seam in seam_names(), f"no '# SEAM: {seam}' tag in {SEAM_FILES}"
+    for name in SEAM_FILES:
+        with open(os.path.join(HERE, name)) as f:
+            blanked, count = blank_seam(f.read(), seam)
+        compile(blanked, name, "exec")  # still valid Python
+        if count and name == "qgpt.py":
+            module = type(sys)("blanked_qgpt")
+            exec(compile(blanked, name, "exec"), module.__dict__)
+            calls = {"quantizer": lambda: module.quantize(torch.ones(2, 2), 8),
+                     "dequant": lambda: module.dequantize(torch.ones(2, dtype=torch.int8), torch.tensor(1.0)),
+                     "straight_through": lambda: module.fake_quantize(torch.ones(2, 2), 8),
+                     "linear_backward": lambda: _grads(_linear_pair(module.Config(), module.SimBackend, module=module)[1],
+                                                       torch.ones(2, 24), torch.ones(2, 16)),
+                     "pack4": lambda: module.pack_4bit(torch.zeros(4, dtype=torch.uint8)),
+                     "adam_state": lambda: module.encode_state(torch.ones(4, 4), 8, True)}
+            with pytest.raises(NotImplementedError, match=f"implement seam '{seam}'"):
+                calls[seam]()
+        assert count or name != {"kernel_quantize": "kernels.py", "kernel_matmul": "kernels.py"}.get(seam, "qgpt.py")
+
+
+def _check_seams():
+    """Blank each seam in a copy of the project and report which tests fail."""
+    import shutil
+    import tempfile
+    all_ok = True
+    for seam in seam_names():
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in COURSE_FILES:
+                shutil.copy(os.path.join(HERE, name), tmp)
+            for name in SEAM_FILES:
+                path = os.path.join(tmp, name)
+                with open(path) as f:
+                    blanked, _ = blank_seam(f.read(), seam)
+                with open(path, "w") as f:
+                    f.write(blanked)
+            run = subprocess.run([sys.executable, "-m", "pytest", "test_qgpt.py", "-q", "-p", "no:cacheprovider",
+                                  "-rf"], cwd=tmp, capture_output=True, text=True)
+        failed = sorted({line.split("::")[1].split("[")[0].split(" ")[0] for line in run.stdout.splitlines()
+                         if line.startswith("FAILED")})
+        graded = [t for t in failed if seam in t]
+        others = [t for t in failed if seam not in t]
+        print(f"{seam:18s} {len(graded):3d} of its own tests fail; {len(others)} others fail: {', '.join(others)}")
+        all_ok &= bool(graded)
+    return 0 if all_ok else 1
+
+
+def _course_main(argv):
+    import argparse
+    import shutil
+    parser = argparse.ArgumentParser(description="Course tooling for qgpt's seams.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    blank = sub.add_parser("blank", help="copy the project with the named seams blanked")
+    blank.add_argument("seams", nargs="+", choices=seam_names())
+    blank.add_argument("--out", required=True, help="folder for the copy (created)")
+    sub.add_parser("check-seams", help="blank each seam in turn and report which tests fail")
+    args = parser.parse_args(argv)
+    if args.command == "check-seams":
+        return _check_seams()
+    os.makedirs(args.out, exist_ok=True)
+    for name in COURSE_FILES:
+        shutil.copy(os.path.join(HERE, name), args.out)
+    for name in SEAM_FILES:
+        path = os.path.join(args.out, name)
+        with open(path) as f:
+            source = f.read()
+        for seam in args.seams:
+            source, _ = blank_seam(source, seam)
+        with open(path, "w") as f:
+            f.write(source)
+    print(f"wrote {args.out} with {', '.join(args.seams)} blanked; grade with: cd {args.out} && "
+          f"python -m pytest test_qgpt.py -k '{' or '.join(args.seams)}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_course_main(sys.argv[1:]))

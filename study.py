@@ -1,0 +1,176 @@
+"""
+study.py: the paper's study (which of W, A, G and Adam states tolerate 8 or 4 bits) in one command.
+
+    python prepare_data.py --tokenizer char && python study.py           # full grid, CPU, ~1 hour
+    python study.py --quick                                              # 9 runs, ~15 minutes
+    python study.py --scale gpu                                          # BPE data, larger model, GPU
+
+Each run trains qgpt.py's default character-level model (or a larger BPE one with --scale gpu)
+with one quantization preset and seed. Writes to --out (default study_out/):
+  results.csv   name, group, seed, final train/val loss, divergence step, tokens/s, wall time,
+                m-sharpness (baseline, w8, w4)
+  curves.json   validation-loss curves;  val_curves.png  the curves grouped by what is quantized
+  diagnostics.txt  activation outliers and gradient sparsity measured on the trained baseline
+"""
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import torch
+
+import qgpt
+
+# (name, group, presets): the paper's configurations, qgpt.PRESETS names joined by commas
+GRID = [
+    ("baseline", "baseline", "baseline"),
+    ("w8 per-channel", "weights", "w8"), ("w8 per-tensor", "weights", "w8t"),
+    ("w4 per-channel", "weights", "w4"), ("w4 per-tensor", "weights", "w4t"),
+    ("a8 per-token", "activations", "a8"), ("a8 per-tensor", "activations", "a8t"),
+    ("a4 per-token", "activations", "a4"), ("a4 per-tensor", "activations", "a4t"),
+    ("g8 per-token", "gradients", "g8"), ("g8 per-tensor", "gradients", "g8t"),
+    ("m8 per-tensor", "optimizer", "m8"), ("m8 per-channel", "optimizer", "m8c"),
+    ("m4 per-tensor", "optimizer", "m4"), ("m4 per-channel", "optimizer", "m4c"),
+    ("v8 linear map", "optimizer", "v8"), ("v8 sqrt map", "optimizer", "v8sqrt"),
+    ("w8a8", "combined", "w8a8"), ("w8a8g8", "combined", "w8a8g8"), ("w8a8g8 + m8", "combined", "w8a8g8,m8"),
+]
+QUICK = ["baseline", "w8 per-channel", "w4 per-channel", "a8 per-token", "a4 per-tensor", "g8 per-token",
+         "g8 per-tensor", "v8 linear map", "w8a8g8 + m8"]
+SHARPNESS = ["baseline", "w8 per-channel", "w4 per-channel"]
+SCALES = {"cpu": {}, "gpu": dict(dataset="shakespeare", n_layer=6, n_head=6, n_embd=384, block_size=256,
+                                 batch_size=32, max_iters=3000, lr=6e-4, min_lr=6e-5, eval_interval=250)}
+
+
+def run_one(job):
+    """Train one configuration in this (worker) process; returns a results row and its curve."""
+    name, group, presets, seed, args = job
+    torch.set_num_threads(args.threads)
+    argv = ["--preset", presets, "--seed", str(seed), "--out_dir", os.path.join(args.out, "runs", f"{presets}_{seed}"),
+            "--max_new_tokens", "0", "--data_dir", args.data_dir]
+    log_path = os.path.join(args.out, "logs", f"{presets.replace(',', '+')}_{seed}.log")
+    t0 = time.time()
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log):
+        cfg = dataclasses.replace(qgpt.parse_config(argv), **SCALES[args.scale],
+                                  **({"max_iters": args.max_iters} if args.max_iters else {}))
+        history = qgpt.train(cfg)
+        sharp = ""
+        if name in SHARPNESS and history["diverged_at"] is None:
+            sharp = qgpt.m_sharpness(history["model"], history["data"], cfg, history["device"])
+        diagnostics = measure_outliers_and_sparsity(history, cfg) if name == "baseline" and seed == args.seeds[0] else None
+    final = history["evals"][-1]
+    row = {"name": name, "group": group, "presets": presets, "seed": seed, "steps": final[0],
+           "train_loss": round(final[1], 4), "val_loss": round(final[2], 4),
+           "diverged_at": "" if history["diverged_at"] is None else history["diverged_at"],
+           "tokens_per_s": round(history["tokens_per_s"]), "wall_s": round(time.time() - t0, 1),
+           "m_sharpness": "" if sharp == "" else round(sharp, 4)}
+    print(f"{name:18s} seed {seed}: val {row['val_loss']}, {row['wall_s']} s" +
+          (f", diverged at {row['diverged_at']}" if row["diverged_at"] != "" else ""), flush=True)
+    return row, [(it, val) for it, _, val in history["evals"]], diagnostics
+
+
+def measure_outliers_and_sparsity(history, cfg):
+    """On the trained baseline: per-layer activation outliers and gradient entries rounded to 0 at 8 bits."""
+    model, data, device = history["model"], history["data"], history["device"]
+    inputs, grads, handles = {}, {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, name=name: inputs.__setitem__(name, i[0].detach().reshape(-1, i[0].shape[-1]))))
+            handles.append(module.register_full_backward_hook(
+                lambda m, gi, go, name=name: grads.__setitem__(name, go[0].detach().reshape(-1, go[0].shape[-1]))))
+    x, y = qgpt.get_batch(data["train"], cfg.batch_size, cfg.block_size, torch.Generator().manual_seed(0), device)
+    model(x, y)[1].backward()
+    model.zero_grad(set_to_none=True)
+    for h in handles:
+        h.remove()
+    lines = [f"{'layer':28s} {'X absmax/median':>16s} {'a8 err tensor':>14s} {'a8 err token':>13s} "
+             f"{'G->0 tensor':>12s} {'G->0 token':>11s}"]
+    for name in inputs:
+        x, g = inputs[name], grads[name]
+        col_absmax = x.abs().amax(dim=0)  # per input feature: outlier features stand out here
+        ratio = (col_absmax.max() / col_absmax.median()).item()
+        stats = {gran: qgpt.quantization_stats(x, 8, gran) for gran in ("tensor", "row")}
+        gstats = {gran: qgpt.quantization_stats(g, 8, gran, absmax_floor=qgpt.GRAD_FLOOR) for gran in ("tensor", "row")}
+        lines.append(f"{name:28s} {ratio:16.1f} {stats['tensor']['rel_err']:14.4f} {stats['row']['rel_err']:13.4f} "
+                     f"{gstats['tensor']['zeroed']:12.3f} {gstats['row']['zeroed']:11.3f}")
+    return "\n".join(lines)
+
+
+def plot(curves, rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, no plot: pip install matplotlib (results.csv is written)")
+        return
+    groups = ["weights", "activations", "gradients", "optimizer", "combined"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), sharey=True)
+    seed0 = min(r["seed"] for r in rows)
+    base = curves[("baseline", seed0)]
+    for ax, group in zip(axes, groups):
+        ax.plot(*zip(*base), "k--", label="baseline")
+        for r in rows:
+            if r["group"] == group and r["seed"] == seed0:
+                ax.plot(*zip(*curves[(r["name"], seed0)]), label=r["name"])
+        ax.set_title(group)
+        ax.set_xlabel("step")
+        ax.set_ylim(1.5, 3.5)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("validation loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run the paper's quantization grid (see the module docstring).")
+    parser.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} runs, one seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338], help="seeds for every run")
+    parser.add_argument("--scale", choices=list(SCALES), default="cpu", help="cpu: char model; gpu: BPE, 6x384")
+    parser.add_argument("--max_iters", type=int, default=0, help="override the steps per run (0: the default)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these names from the grid")
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--out", default="study_out", help="output folder")
+    args = parser.parse_args(argv)
+    grid = [g for g in GRID if (not args.quick or g[0] in QUICK) and (not args.only or g[0] in args.only)]
+    if args.quick:
+        args.seeds = args.seeds[:1]
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    try:
+        qgpt.load_data(dataclasses.replace(qgpt.Config(), data_dir=args.data_dir, **SCALES[args.scale]))
+    except qgpt.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    jobs = [(name, group, presets, seed, args) for seed in args.seeds for name, group, presets in grid]
+    print(f"{len(jobs)} runs, {args.jobs} at a time, {args.threads} thread(s) each; logs in {args.out}/logs")
+    t0 = time.time()
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        results = pool.map(run_one, jobs, chunksize=1)
+    rows = [r for r, _, _ in results]
+    curves = {(r["name"], r["seed"]): c for r, c, _ in results}
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(args.out, "curves.json"), "w") as f:
+        json.dump({f"{name}|{seed}": c for (name, seed), c in curves.items()}, f)
+    diagnostics = [d for _, _, d in results if d]
+    if diagnostics:
+        with open(os.path.join(args.out, "diagnostics.txt"), "w") as f:
+            f.write(diagnostics[0] + "\n")
+    plot(curves, rows, os.path.join(args.out, "val_curves.png"))
+    print(f"wrote {args.out}/results.csv; {len(jobs)} runs in {(time.time() - t0) / 60:.1f} minutes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,6 +62,20 @@ def int8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.flo
     return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
+def compare(name, actual, expected, rtol=0.0, atol=0.0):
+    """Print and return whether two tensors are exact, close (within rtol/atol), or differ."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    if actual.shape != expected.shape:
+        print(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+        return False
+    diff = (actual.double() - expected.double()).abs()
+    max_diff = diff.max().item() if diff.numel() else 0.0
+    exact = torch.equal(actual, expected)
+    close = exact or bool((diff <= atol + rtol * expected.double().abs()).all())
+    print(f"{name}: {'exact' if exact else 'close' if close else 'DIFFERENT'}, max |diff| {max_diff:.3g}")
+    return close
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels.
 
@@ -276,23 +290,25 @@ class TritonBackend:
 # python kernels.py: correctness check, then (GPU) the benchmark table.
 
 def check(device):
+    """Every kernel against its reference, exact where the math is exact; prints each comparison."""
     torch.manual_seed(0)
     ok = True
     for M, K, N in [(1, 1, 1), (37, 70, 19), (130, 96, 67)] + ([(4096, 768, 3072)] if device == "cuda" else []):
         x = torch.randn(M, K, device=device) * torch.rand(M, 1, device=device) * 3
-        codes, scale = quantize_rows(x)
-        ref_codes, ref_scale = quantize_rows_reference(x)
-        col_codes, col_scale = quantize_columns(x)
-        ref_col = quantize_columns_reference(x)
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=device)
         b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device).t()  # column-major B
-        exact = torch.equal(int8_matmul(a, scale, b, scale, out_dtype=torch.int32),
-                            int8_matmul_reference(a, scale, b, scale, out_dtype=torch.int32))
-        q_ok = torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
-        c_ok = torch.equal(col_codes, ref_col[0]) and torch.equal(col_scale, ref_col[1])
-        print(f"M={M} K={K} N={N}: quantize_rows {'exact' if q_ok else 'DIFFERENT'}, quantize_columns "
-              f"{'exact' if c_ok else 'DIFFERENT'}, int8 matmul int32 {'exact' if exact else 'DIFFERENT'}")
-        ok &= q_ok and c_ok and exact
+        a_scale, b_scale = torch.rand(M, device=device), torch.rand(N, device=device)
+        shape = f"{M}x{K}x{N}"
+        for name, got, want in [
+                (f"quantize_rows {shape}", quantize_rows(x), quantize_rows_reference(x)),
+                (f"quantize_columns {shape}", quantize_columns(x), quantize_columns_reference(x)),
+                (f"int8_matmul int32 {shape}", [int8_matmul(a, a_scale, b, b_scale, out_dtype=torch.int32)],
+                 [int8_matmul_reference(a, a_scale, b, b_scale, out_dtype=torch.int32)])]:
+            parts = ["codes", "scale"] if len(got) == 2 else [""]
+            ok &= all(compare(f"{name} {part}".strip(), g, w) for part, g, w in zip(parts, got, want))
+        # the epilogue: the same fp32 operations; 1e-6 leaves room for a fused multiply-add
+        ok &= compare(f"int8_matmul epilogue {shape}", int8_matmul(a, a_scale, b, b_scale),
+                      int8_matmul_reference(a, a_scale, b, b_scale), rtol=1e-6, atol=1e-6)
     return ok
 
 

@@ -63,6 +63,11 @@ def opt(default, help, choices=None):
 GRANULARITIES = ["tensor", "row", "column", "group", "channel", "token"]
 
 
+def canonical_granularity(granularity):
+    """The paper's names are aliases: per-channel (weights) and per-token (activations) are rows."""
+    return {"channel": "row", "token": "row"}.get(granularity, granularity)
+
+
 @dataclass
 class Config:
     # what to do
@@ -224,11 +229,6 @@ def validate_config(cfg):
 # ----------------------------------------------------------------------------------------------
 # Quantization primitives (PAPER.md, "The quantizer"). Pure functions; courses blank these out.
 
-def canonical_granularity(granularity):
-    """The paper's names are aliases: per-channel (weights) and per-token (activations) are rows."""
-    return {"channel": "row", "token": "row"}.get(granularity, granularity)
-
-
 # SEAM: quantizer
 def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=1e-5):
     """Linear quantization of `x` to `bits`-bit signed integer codes.
@@ -325,20 +325,6 @@ def quantization_stats(x, bits, granularity="row", symmetric=True, group_size=No
     return {"rel_err": ((x - x_hat).norm() / x.norm().clamp(min=1e-30)).item(),
             "saturated": (codes.abs() >= qmax).float().mean().item(),
             "zeroed": ((x_hat == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1)}
-
-
-def compare(name, actual, expected, rtol=0.0, atol=0.0):
-    """Print and return whether two tensors are exact, close (within rtol/atol), or differ."""
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
-    if actual.shape != expected.shape:
-        print(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-        return False
-    diff = (actual.double() - expected.double()).abs()
-    max_diff = diff.max().item() if diff.numel() else 0.0
-    exact = torch.equal(actual, expected)
-    close = exact or bool((diff <= atol + rtol * expected.double().abs()).all())
-    print(f"{name}: {'exact' if exact else 'close' if close else 'DIFFERENT'}, max |diff| {max_diff:.3g}")
-    return close
 
 
 # ----------------------------------------------------------------------------------------------
@@ -939,31 +925,6 @@ def evaluate(model, data, cfg, device):
     return out
 
 
-def m_sharpness(model, data, cfg, device, rho=0.05, batches=8):
-    """The paper's m-sharpness: loss increase after one SAM ascent step of radius rho, averaged.
-
-    Per batch: g = grad L(w); L(w + rho * g / ||g||) - L(w). Dropout off; weights restored after.
-    """
-    model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    params = [p for p in model.parameters() if p.requires_grad]
-    increases = []
-    for _ in range(batches):
-        x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, gen, device)
-        loss = model(x, y)[1]
-        grads = torch.autograd.grad(loss, params)
-        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).clamp(min=1e-12)
-        with torch.no_grad():
-            steps = [rho * g / norm for g in grads]
-            for p, e in zip(params, steps):
-                p.add_(e)
-            increases.append(model(x, y)[1].item() - loss.item())
-            for p, e in zip(params, steps):
-                p.sub_(e)
-    model.train()
-    return sum(increases) / len(increases)
-
-
 def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta):
     """Write to a temporary file, then rename: a crash leaves the previous checkpoint intact."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
@@ -987,25 +948,34 @@ def load_checkpoint(path):
 
 
 SHAPE_KEYS = ["n_layer", "n_head", "n_embd", "block_size", "bias"]
-QUANT_KEYS = ["recipe", "wbits", "abits", "gbits", "w_granularity", "a_granularity", "g_granularity",
-              "group_size", "a_asymmetric", "g_matmuls", "quantize_head", "m_bits", "v_bits", "m_granularity",
-              "v_granularity", "state_block_size", "v_map"]
+LINEAR_KEYS = ["recipe", "wbits", "abits", "gbits", "w_granularity", "a_granularity", "g_granularity", "group_size",
+               "a_asymmetric", "g_matmuls", "quantize_head"]
+STATE_KEYS = ["m_bits", "v_bits", "m_granularity", "v_granularity", "state_block_size", "v_map"]
 
 
 def check_resume(ckpt, cfg, meta):
-    """Refuse to resume into another model shape, vocabulary or (without the flag) quantization."""
+    """Refuse to resume into another model shape, vocabulary or (without the flag) quantization.
+
+    Returns the quantization keys that change (allowed by --allow_config_change)."""
     saved = ckpt["config"]
-    shape = [f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in SHAPE_KEYS if saved.get(k) != getattr(cfg, k)]
-    if shape:
-        raise UserError(f"the checkpoint has another model shape ({', '.join(shape)}): use its flags to resume")
+
+    def changes(keys):
+        return [k for k in keys if saved.get(k) != getattr(cfg, k)]
+
+    def describe(keys):
+        return ", ".join(f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in keys)
+
+    if changes(SHAPE_KEYS):
+        raise UserError(f"the checkpoint has another model shape ({describe(changes(SHAPE_KEYS))}): "
+                        f"use its flags to resume")
     if ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
         raise UserError(f"dataset '{cfg.dataset}' has vocab {meta['vocab_size']} but the checkpoint was trained "
                         f"with vocab {ckpt['meta']['vocab_size']}: resume on the dataset it was trained on")
-    quant = [f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in QUANT_KEYS if saved.get(k) != getattr(cfg, k)]
-    if quant and not cfg.allow_config_change:
-        raise UserError(f"the checkpoint was trained with another quantization ({', '.join(quant)}): add "
+    changed = changes(LINEAR_KEYS + STATE_KEYS)
+    if changed and not cfg.allow_config_change:
+        raise UserError(f"the checkpoint was trained with another quantization ({describe(changed)}): add "
                         f"--allow_config_change to switch it on resume")
-    return quant
+    return changed
 
 
 def setup_distributed(cfg):
@@ -1055,8 +1025,7 @@ def train(cfg, stop_at=None):
         ckpt = load_checkpoint(ckpt_path)
         changed = check_resume(ckpt, cfg, meta)
         model.load_state_dict(ckpt["model"])
-        if any(k in ("m_bits", "v_bits", "m_granularity", "v_granularity", "state_block_size", "v_map")
-               for k in (c.split()[0] for c in changed)):
+        if set(changed) & set(STATE_KEYS):
             print("optimizer states start afresh (their format changed)")
         else:
             optimizer.load_state_dict(ckpt["optimizer"])

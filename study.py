@@ -61,7 +61,7 @@ def run_one(job):
         history = qgpt.train(cfg)
         sharp = ""
         if name in SHARPNESS and history["diverged_at"] is None:
-            sharp = qgpt.m_sharpness(history["model"], history["data"], cfg, history["device"])
+            sharp = m_sharpness(history["model"], history["data"], cfg, history["device"])
         diagnostics = measure_outliers_and_sparsity(history, cfg) if name == "baseline" and seed == args.seeds[0] else None
     final = history["evals"][-1]
     row = {"name": name, "group": group, "presets": presets, "seed": seed, "steps": final[0],
@@ -72,6 +72,31 @@ def run_one(job):
     print(f"{name:18s} seed {seed}: val {row['val_loss']}, {row['wall_s']} s" +
           (f", diverged at {row['diverged_at']}" if row["diverged_at"] != "" else ""), flush=True)
     return row, [(it, val) for it, _, val in history["evals"]], diagnostics
+
+
+def m_sharpness(model, data, cfg, device, rho=0.05, batches=8):
+    """The paper's m-sharpness: loss increase after one SAM ascent step of radius rho, averaged.
+
+    Per batch: g = grad L(w); L(w + rho * g / ||g||) - L(w). Dropout off; weights restored after.
+    """
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    increases = []
+    for _ in range(batches):
+        x, y = qgpt.get_batch(data["train"], cfg.batch_size, cfg.block_size, gen, device)
+        loss = model(x, y)[1]
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).clamp(min=1e-12)
+        with torch.no_grad():
+            steps = [rho * g / norm for g in grads]
+            for p, e in zip(params, steps):
+                p.add_(e)
+            increases.append(model(x, y)[1].item() - loss.item())
+            for p, e in zip(params, steps):
+                p.sub_(e)
+    model.train()
+    return sum(increases) / len(increases)
 
 
 def measure_outliers_and_sparsity(history, cfg):

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 import prepare_data
 import qgpt
-from qgpt import Config, QAdamW, compare, dequantize, quantize
+from kernels import compare
+from qgpt import Config, QAdamW, dequantize, quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = "".join(f"LINE {i % 7}:\nTo be, or not to be, that is the question {i % 13}.\n\n" for i in range(600))

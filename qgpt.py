@@ -402,11 +402,9 @@ class QuantizedLinearFunction(torch.autograd.Function):
         quantize_rows = backend.quantize_rows
         xq = quantize_rows(x, cfg.abits, 1e-5) if cfg.abits < 16 else x  # (M, K) -> int8, (M, 1)
         wq = quantize_rows(weight, cfg.wbits, 1e-5) if cfg.wbits < 16 else weight  # (N, K) -> int8, (N, 1)
-        if _g_quantized(cfg, "wgrad") and cfg.abits < 16:
-            ctx.x_saved = quantize_rows(x.t(), cfg.abits, 1e-5)  # X^T (K, M) -> int8, scale (K, 1)
-            ctx.save_for_backward(weight)
+        if _g_quantized(cfg, "wgrad") and cfg.abits < 16:  # save int8 codes, not X
+            ctx.save_for_backward(weight, *quantize_rows(x.t(), cfg.abits, 1e-5))  # X^T (K, M) -> int8, (K, 1)
         else:
-            ctx.x_saved = None
             ctx.save_for_backward(weight, x)
         return _matmul_abt(xq, wq, backend, bias, out_dtype)
 
@@ -426,7 +424,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
             grad_x = g_dgrad.to(ctx.out_dtype) @ weight.to(ctx.out_dtype)  # (M, N) @ (N, K)
             grad_w = g_wgrad.t().to(ctx.out_dtype) @ x.to(ctx.out_dtype)  # (N, M) @ (M, K)
             return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None
-        weight = ctx.saved_tensors[0]
+        weight, *x_saved = ctx.saved_tensors  # x_saved: [X] or [X^T codes (K, M), scales (K, 1)]
         quantize_rows = backend.quantize_rows
         if _g_quantized(cfg, "dgrad"):  # dX = G W: G per token, W per input feature (rows of W^T)
             a = quantize_rows(g, cfg.gbits, GRAD_FLOOR)
@@ -436,11 +434,10 @@ class QuantizedLinearFunction(torch.autograd.Function):
             grad_x = g.to(ctx.out_dtype) @ weight.to(ctx.out_dtype)
         if _g_quantized(cfg, "wgrad"):  # dW = G^T X: G per output channel, X per input feature
             a = quantize_rows(g.t(), cfg.gbits, GRAD_FLOOR)
-            b = ctx.x_saved if ctx.x_saved is not None else ctx.saved_tensors[1].t()
+            b = tuple(x_saved) if len(x_saved) == 2 else x_saved[0].t()
             grad_w = _matmul_abt(a, b, backend, None, ctx.out_dtype)
         else:
-            grad_w = g.t().to(ctx.out_dtype) @ ctx.saved_tensors[1].to(ctx.out_dtype)
-        ctx.x_saved = None
+            grad_w = g.t().to(ctx.out_dtype) @ x_saved[0].to(ctx.out_dtype)
         return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None
 
 

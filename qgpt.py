@@ -651,7 +651,7 @@ def _state_rows(x, granularity, block_size):
 
 # SEAM: adam_state
 def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="linear"):
-    """fp32 moment -> dict of plain tensors (codes, scale).
+    """fp32 moment -> {"codes": uint8, "scale": fp32 (rows, 1)} at 8 or 4 bits (4: two codes a byte).
 
     Signed (first moment m): symmetric absmax codes from `quantize`, stored with an offset of
     2^(b-1) as unsigned bytes (or nibbles). Unsigned (second moment v >= 0): all 2^b levels cover
@@ -659,10 +659,6 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
     round to 0 and m / (sqrt(0) + eps) explodes); 'zerofree' shifts the levels up by one step so
     the smallest is max / 2^b; 'sqrt' stores sqrt(v) zero-free, which also halves the dynamic range.
     """
-    if bits == 32:
-        return {"value": x.clone()}
-    if bits == 16:
-        return {"value": x.to(torch.bfloat16)}
     rows = _state_rows(x.float(), granularity, block_size)
     if signed:
         codes, scale, _ = quantize(rows, bits, "row", absmax_floor=1e-30)
@@ -679,9 +675,7 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
 
 # SEAM: adam_state
 def decode_state(state, shape, bits, signed, v_map="linear"):
-    """Inverse of encode_state: dict -> fp32 tensor of `shape`."""
-    if bits in (16, 32):
-        return state["value"].float()
+    """Inverse of encode_state: {"codes", "scale"} -> fp32 tensor of `shape`."""
     scale = state["scale"]
     numel = scale.shape[0] * (-(-math.prod(shape) // scale.shape[0]))  # padded length
     codes = unpack_4bit(state["codes"], numel) if bits == 4 else state["codes"]
@@ -730,14 +724,19 @@ class QAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _encode(x, bits, signed, group):
+        if bits >= 16:  # plain tensors: fp32, or bf16
+            return {"value": x.clone() if bits == 32 else x.to(torch.bfloat16)}
         granularity = group["m_granularity"] if signed else group["v_granularity"]
         if granularity == "row" and x.dim() != 2:
             granularity = "tensor"
         return encode_state(x, bits, signed, granularity, group["block_size"], group["v_map"])
 
     @staticmethod
-    def _substate(state, prefix):
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    def _decode(state, prefix, shape, bits, group):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if bits >= 16:
+            return sub["value"].float()
+        return decode_state(sub, shape, bits, prefix == "m_", group["v_map"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -753,8 +752,8 @@ class QAdamW(torch.optim.Optimizer):
                     continue
                 grad, state = p.grad.float(), self.state[p]
                 m_bits, v_bits = self._widths(p, group)
-                m = decode_state(self._substate(state, "m_"), p.shape, m_bits, True)
-                v = decode_state(self._substate(state, "v_"), p.shape, v_bits, False, group["v_map"])
+                m = self._decode(state, "m_", p.shape, m_bits, group)
+                v = self._decode(state, "v_", p.shape, v_bits, group)
                 state["step"] += 1
                 step = state["step"].item()
                 # the arithmetic of torch.optim.AdamW (single-tensor path), operation by operation

@@ -114,6 +114,12 @@ def test_prepare_errors(tmp_path, capsys, case, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # quantize / dequantize / fake quantization (qgpt.py, "Quantization primitives")
 
+def _x_hat(codes, scale, zero_point=None):
+    """The tests' own dequantization (float64), so that the quantizer tests do not lean on dequantize."""
+    q = codes.double().view(scale.shape[0], scale.shape[1], -1) if scale.dim() == 3 else codes.double()
+    return ((q - (0 if zero_point is None else zero_point.double())) * scale.double()).view(codes.shape)
+
+
 def test_quantizer_hand_checked_codes():
     # absmax = qmax, so scale = 1 exactly and the codes are round(x), ties to even
     codes, scale, zp = quantize(torch.tensor([[63.5, -127.0, 32.25, 12.7]]), 8, "tensor")
@@ -141,7 +147,7 @@ def test_quantizer_asymmetric_zero_point():
     codes, scale, zp = quantize(x, 2, "row", symmetric=False)
     assert scale.item() == pytest.approx(1.0), "asymmetric 2-bit: scale = (3 - 0) / (2^2 - 1)"
     assert zp.item() == -2.0 and codes.tolist() == [[-2, -1, 0, 1]], f"got zp {zp}, codes {codes.tolist()}"
-    assert torch.equal(dequantize(codes, scale, zp), x), "these values are exact levels"
+    assert torch.equal(_x_hat(codes, scale, zp).float(), x), "these values are exact levels"
 
 
 @pytest.mark.parametrize("granularity,shape", [("tensor", ()), ("row", (6, 1)), ("channel", (6, 1)),
@@ -157,8 +163,10 @@ def test_quantizer_all_zero_input_gives_zeros():
     for granularity in ["tensor", "row", "column", "group"]:
         for symmetric in (True, False):
             codes, scale, zp = quantize(torch.zeros(3, 4), 4, granularity, symmetric, group_size=2)
-            x_hat = dequantize(codes, scale, zp)
-            assert torch.equal(x_hat, torch.zeros(3, 4)), f"{granularity} symmetric={symmetric}: got {x_hat}"
+            x_hat = _x_hat(codes, scale, zp)
+            assert torch.equal(x_hat, torch.zeros(3, 4, dtype=torch.float64)), \
+                f"{granularity} symmetric={symmetric}: all-zero input must give (codes - zero point) * scale = 0, " \
+                f"got codes {codes.tolist()}"
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -180,10 +188,10 @@ def test_quantizer_matches_paper_formula(bits, granularity):
     expected = np.clip(np.round(x / scale), -qmax - 1, qmax)
     codes, scale_t, _ = quantize(torch.from_numpy(x), bits, granularity, group_size=4)
     assert np.array_equal(codes.numpy(), expected.astype(np.int8)), f"{bits}-bit {granularity} codes differ"
-    x_hat = dequantize(codes, scale_t)
-    half_step = torch.from_numpy(np.broadcast_to(scale, x.shape).copy()) / 2
-    assert ((x_hat - torch.from_numpy(x)).abs() <= half_step * (1 + 1e-6)).all(), \
-        "round-trip error must be at most half a step (1e-6: fp32 rounding of q * scale)"
+    x_hat = _x_hat(codes, scale_t)
+    half_step = torch.from_numpy(np.broadcast_to(scale, x.shape).astype(np.float64)) / 2
+    assert ((x_hat - torch.from_numpy(x).double()).abs() <= half_step * (1 + 1e-6)).all(), \
+        "round-trip error must be at most half a step (1e-6: x / scale was rounded in fp32)"
 
 
 def test_dequant_hand_checked():
@@ -381,7 +389,7 @@ def test_adam_state_bytes_per_parameter(bits, limit):
     assert per_param >= bits / 4, "codes must really be stored (at least bits/8 bytes per moment)"
 
 
-def test_toy_problem_converges_with_8bit_states():
+def test_adam_state_toy_problem_converges_8bit():
     torch.manual_seed(0)
     target = torch.randn(64, 64)
     w = nn.Parameter(torch.zeros(64, 64))
@@ -392,7 +400,7 @@ def test_toy_problem_converges_with_8bit_states():
     assert ((w - target).norm() / target.norm()).item() < 0.05, "8-bit Adam must still reach the target"
 
 
-def test_qadamw_state_dict_resume_bit_exact(tmp_path):
+def test_adam_state_resume_bit_exact(tmp_path):
     for bits in (32, 16, 8, 4):
         a = _adam_problem()
         opt_a = QAdamW(a, m_bits=bits, v_bits=bits, min_size=1)
@@ -407,7 +415,7 @@ def test_qadamw_state_dict_resume_bit_exact(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a, b)), f"{bits}-bit state: resume must be bit-exact"
 
 
-def test_qadamw_wrong_width_load_error():
+def test_adam_state_wrong_width_load_error():
     a = _adam_problem()
     state = QAdamW(a, m_bits=8, v_bits=8).state_dict()
     with pytest.raises(qgpt.UserError, match="saved with m_bits=8 but this run uses m_bits=4"):
@@ -770,7 +778,7 @@ def test_kernel_backend_matches_sim_backend():
 #   python test_qgpt.py check-seams                                 # blank each seam in turn, run the suite
 
 SEAM_FILES = ["qgpt.py", "kernels.py"]
-COURSE_FILES = SEAM_FILES + ["prepare_data.py", "test_qgpt.py", "requirements.txt", "README.md"]
+COURSE_FILES = SEAM_FILES + ["prepare_data.py", "bench.py", "study.py", "test_qgpt.py", "requirements.txt", "README.md"]
 
 
 def seam_names():

@@ -265,7 +265,7 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, abs
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if symmetric:
         absmax = reduce(torch.amax, view.abs()).clamp(min=absmax_floor)
-        scale = absmax / qmax
+        scale = absmax / qmax  # fp32, one per group of elements: () / (R, 1) / (1, C) / (R, C // g, 1)
         zero_point = None
         shifted = torch.round(view / scale)
     else:
@@ -274,7 +274,7 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, abs
         zero_point = qmin - torch.round(low / scale)
         shifted = torch.round(view / scale) + zero_point
     # Clamp while still float: casting 128.0 to int8 would wrap around to -128.
-    codes = shifted.clamp(qmin, qmax).to(torch.int8).view(x.shape)
+    codes = shifted.clamp(qmin, qmax).to(torch.int8).view(x.shape)  # fp32 -> int8, the shape of x
     return codes, scale, zero_point
 
 
@@ -669,8 +669,8 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
         levels = 2 ** bits - 1
         scale = u.amax(dim=1, keepdim=True).clamp(min=1e-30) / (levels + offset)
         codes = (torch.round(u / scale) - offset).clamp(0, levels).to(torch.uint8)
-    codes = codes.view(-1)
-    return {"codes": pack_4bit(codes) if bits == 4 else codes, "scale": scale}
+    codes = codes.view(-1)  # (rows * cols,) uint8
+    return {"codes": pack_4bit(codes) if bits == 4 else codes, "scale": scale}  # 4 bit: (rows * cols / 2,)
 
 
 # SEAM: adam_state

@@ -16,7 +16,7 @@ Run it:
     python -m pytest test_qgpt.py                  # the tests (CPU only)
 
 Course seams: the functions under a `# SEAM: <name>` comment are the ones a course blanks out;
-`python test_qgpt.py blank <name> --out course/` does it, `pytest test_qgpt.py -k <name>` grades it.
+`python course.py blank <name> --out course/` does it, `pytest test_qgpt.py -k <name>` grades it.
 
 How it works:
  1. `quantize` maps a float tensor to integer codes with one scale per tensor, row, column or

@@ -513,6 +513,7 @@ def test_sigkill_then_resume_matches(char_data):
     (["--batch_size", "0"], "--batch_size must be a positive integer"),
     (["--preset", "w3"], "unknown preset 'w3'"),
     (["--dataset", "nowhere"], "prepare_data.py"),
+    (["--dataset", "empty_char"], "python prepare_data.py --tokenizer char"),
     (["--backend", "triton"], "--recipe int8"),
     (["--recipe", "int8", "--backend", "triton", "--wbits", "8"], "needs a CUDA GPU"),
     (["--w_granularity", "group", "--group_size", "48", "--wbits", "8"], "does not divide"),
@@ -525,6 +526,7 @@ def test_sigkill_then_resume_matches(char_data):
     (["--out_dir", "/dev/null/out"], "cannot create the output folder"),
 ])
 def test_bad_input_one_clear_line(char_data, capsys, flags, message):
+    (char_data / "data" / "empty_char").mkdir()
     base = ["--data_dir", str(char_data / "data"), "--dataset", "corpus_char", "--out_dir", str(char_data / "o"),
             "--max_iters", "2"]
     try:

@@ -128,6 +128,7 @@ def measure_outliers_and_sparsity(history, cfg):
 
 
 def plot(curves, rows, path):
+    """Top: validation loss (mean over seeds); bottom: its difference to the baseline of the same seed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -136,22 +137,45 @@ def plot(curves, rows, path):
         print("matplotlib is not installed, no plot: pip install matplotlib (results.csv is written)")
         return
     groups = ["weights", "activations", "gradients", "optimizer", "combined"]
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), sharey=True)
-    seed0 = min(r["seed"] for r in rows)
-    base = curves[("baseline", seed0)]
-    for ax, group in zip(axes, groups):
-        ax.plot(*zip(*base), "k--", label="baseline")
-        for r in rows:
-            if r["group"] == group and r["seed"] == seed0:
-                ax.plot(*zip(*curves[(r["name"], seed0)]), label=r["name"])
-        ax.set_title(group)
-        ax.set_xlabel("step")
-        ax.set_ylim(1.5, 3.5)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("validation loss")
+    seeds = sorted({r["seed"] for r in rows})
+    names = list(dict.fromkeys(r["name"] for r in rows))
+
+    def mean_curve(name, minus_baseline=False):
+        steps = [it for it, _ in curves[(name, seeds[0])]]
+        values = [sum(curves[(name, s)][i][1] - (curves[("baseline", s)][i][1] if minus_baseline else 0)
+                      for s in seeds) / len(seeds) for i in range(len(steps))]
+        return steps[1:], values[1:]  # skip step 0 (all at ln(vocab))
+
+    fig, axes = plt.subplots(2, len(groups), figsize=(4 * len(groups), 7), sharex=True)
+    for col, group in enumerate(groups):
+        axes[0, col].plot(*mean_curve("baseline"), "k--", label="baseline")
+        axes[1, col].axhline(0.0, color="k", linestyle="--")
+        for name in names:
+            if next(r["group"] for r in rows if r["name"] == name) != group:
+                continue
+            final = mean_curve(name, True)[1][-1]
+            label = name + (f" (off the chart: {final:+.2f})" if final > 0.15 else "")
+            axes[0, col].plot(*mean_curve(name), label=label)
+            axes[1, col].plot(*mean_curve(name, True), label=label)
+        axes[0, col].set_title(group)
+        axes[0, col].set_ylim(1.8, 2.6)
+        axes[1, col].set_ylim(-0.03, 0.15)
+        axes[1, col].set_xlabel("step")
+        axes[0, col].legend(fontsize=7)
+    axes[0, 0].set_ylabel(f"validation loss (mean of {len(seeds)} seeds)")
+    axes[1, 0].set_ylabel("minus the baseline of the same seed")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     print(f"wrote {path}")
+
+
+def replot(out):
+    """Draw the plot again from results.csv and curves.json (no training)."""
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = [dict(r, seed=int(r["seed"])) for r in csv.DictReader(f)]
+    with open(os.path.join(out, "curves.json")) as f:
+        curves = {(key.split("|")[0], int(key.split("|")[1])): c for key, c in json.load(f).items()}
+    plot(curves, rows, os.path.join(out, "val_curves.png"))
 
 
 def main(argv=None):
@@ -165,7 +189,11 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", default=None, help="run only these names from the grid")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--out", default="study_out", help="output folder")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out's files")
     args = parser.parse_args(argv)
+    if args.replot:
+        replot(args.out)
+        return 0
     grid = [g for g in GRID if (not args.quick or g[0] in QUICK) and (not args.only or g[0] in args.only)]
     if args.quick:
         args.seeds = args.seeds[:1]

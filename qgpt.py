@@ -717,15 +717,15 @@ class QAdamW(torch.optim.Optimizer):
 
     def _init_state(self, p, group):
         m_bits, v_bits = self._widths(p, group)
-        zeros = torch.zeros_like(p, dtype=torch.float32)
+        m, v = torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)
         self.state[p] = {"step": torch.tensor(0.0),
-                         **{"m_" + k: t for k, t in self._encode(zeros, m_bits, True, group).items()},
-                         **{"v_" + k: t for k, t in self._encode(zeros, v_bits, False, group).items()}}
+                         **{"m_" + k: t for k, t in self._encode(m, m_bits, True, group).items()},
+                         **{"v_" + k: t for k, t in self._encode(v, v_bits, False, group).items()}}
 
     @staticmethod
     def _encode(x, bits, signed, group):
-        if bits >= 16:  # plain tensors: fp32, or bf16
-            return {"value": x.clone() if bits == 32 else x.to(torch.bfloat16)}
+        if bits >= 16:  # plain tensors: fp32 (the decoded tensor itself, updated in place), or bf16
+            return {"value": x if bits == 32 else x.to(torch.bfloat16)}
         granularity = group["m_granularity"] if signed else group["v_granularity"]
         if granularity == "row" and x.dim() != 2:
             granularity = "tensor"

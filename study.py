@@ -1,8 +1,8 @@
 """
 study.py: the paper's study (which of W, A, G and Adam states tolerate 8 or 4 bits) in one command.
 
-    python prepare_data.py --tokenizer char && python study.py           # full grid, CPU, ~1 hour
-    python study.py --quick                                              # 9 runs, ~15 minutes
+    python prepare_data.py --tokenizer char && python study.py           # full grid, CPU, 70 minutes
+    python study.py --quick                                              # 9 runs, 15 minutes
     python study.py --scale gpu                                          # BPE data, larger model, GPU
 
 Each run trains qgpt.py's default character-level model (or a larger BPE one with --scale gpu)

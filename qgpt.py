@@ -677,9 +677,9 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
 def decode_state(state, shape, bits, signed, v_map="linear"):
     """Inverse of encode_state: {"codes", "scale"} -> fp32 tensor of `shape`."""
     scale = state["scale"]
-    numel = scale.shape[0] * (-(-math.prod(shape) // scale.shape[0]))  # padded length
-    codes = unpack_4bit(state["codes"], numel) if bits == 4 else state["codes"]
-    q = codes.view(scale.shape[0], -1).float()
+    codes = unpack_4bit(state["codes"], 2 * state["codes"].numel()) if bits == 4 else state["codes"]
+    rows = scale.shape[0]
+    q = codes[:codes.numel() // rows * rows].view(rows, -1).float()  # drop the odd-length nibble, if any
     if signed:
         x = (q - 2 ** (bits - 1)) * scale
     else:

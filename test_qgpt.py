@@ -374,6 +374,18 @@ def test_adam_state_round_trip_error(bits, granularity):
             assert (v_hat > 0).all(), f"v_map {v_map} must never decode to 0"
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("granularity,shape", [("block", (3, 100)), ("row", (3, 7)), ("tensor", (5, 5))])
+def test_adam_state_ragged_sizes(bits, granularity, shape):
+    """Sizes that do not fill the last block of 128, or an odd count of 4-bit codes."""
+    m = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    state = qgpt.encode_state(m, bits, True, granularity, 128)
+    m_hat = qgpt.decode_state(state, m.shape, bits, True)
+    step = state["scale"].max().item()
+    assert (m - m_hat).abs().max().item() <= step / 2 * (1 + 1e-6), \
+        f"{bits}-bit {granularity} {shape}: decoded values are off by more than half a step"
+
+
 def test_adam_state_linear_map_zero_point_problem():
     v = torch.tensor([1.0] + [1e-6] * 255)
     v_hat = qgpt.decode_state(qgpt.encode_state(v, 8, False, "tensor", v_map="linear"), v.shape, 8, False)

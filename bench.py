@@ -31,29 +31,77 @@ RUNS = [("baseline", {}), ("int8 recipe", qgpt.PRESETS["int8"]),
         ("int8 + 8-bit Adam", {**qgpt.PRESETS["int8"], **qgpt.PRESETS["adam8"]})]
 
 
-def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_model):
-    """Train `warmup + steps` steps; returns (tokens/s, ms/step, peak MB or None, last loss)."""
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
+
+
+def flops_per_token(model, cfg):
+    """nanoGPT's estimate (PaLM appendix B): 6 N + 12 L H Q T per token, forward and backward."""
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+BUCKETS = [("quantize", ("quantize",)), ("int8 matmul", ("int8_matmul",)),
+           ("attention", ("flash", "attention", "fmha", "sdpa", "cudnn")),
+           ("other matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "aten::mm", "addmm", "bmm")),
+           ("optimizer", ("adam", "foreach"))]
+
+
+def breakdown(run_step, device, steps=2):
+    """Device time per step by kernel kind, from torch.profiler: {bucket: ms}."""
+    from torch.profiler import ProfilerActivity, profile
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            run_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    totals = dict.fromkeys([b for b, _ in BUCKETS] + ["rest"], 0.0)
+    for event in prof.key_averages():
+        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if us <= 0 or (device.type == "cpu" and not event.key.startswith("aten::")):
+            continue  # on CPU, count the leaf operators only
+        name = event.key.lower()
+        bucket = next((b for b, words in BUCKETS if any(w in name for w in words)), "rest")
+        totals[bucket] += us / 1000 / steps
+    return totals
+
+
+def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_model, profile_steps=0):
+    """Train `warmup + steps` steps; returns (tokens/s, ms/step, peak MB or None, last loss, MFU, breakdown)."""
     model = qgpt.build_model(cfg, vocab_size, device)
     optimizer = qgpt.make_optimizer(model, cfg)
     run_model = torch.compile(model) if compile_model else model
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + steps):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.time()
-        x, y = batches[i % len(batches)]
+    state = {"i": 0}
+
+    def run_step():
+        x, y = batches[state["i"] % len(batches)]
+        state["i"] += 1
         with qgpt.autocast_context(device):
             loss = run_model(x, y)[1]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        run_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.time()
+    for _ in range(steps):
+        loss = run_step()
     last = loss.item()  # synchronises
     dt = (time.time() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    return cfg.batch_size * cfg.block_size / dt, dt * 1000, peak, last
+    tokens = cfg.batch_size * cfg.block_size
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak_flops = next((f for key, f in PEAK_FLOPS.items() if key in name), None)
+    mfu = flops_per_token(model, cfg) * tokens / dt / peak_flops if peak_flops else None
+    parts = breakdown(run_step, device, profile_steps) if profile_steps else None
+    return tokens / dt, dt * 1000, peak, last, mfu, parts
 
 
 def main(argv=None):
@@ -65,6 +113,9 @@ def main(argv=None):
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile every configuration")
+    parser.add_argument("--profile_steps", type=int, default=2, help="steps profiled for the breakdown (0 = none)")
+    parser.add_argument("--runs", default=",".join(str(i) for i in range(len(RUNS))),
+                        help="which configurations, by index: " + ", ".join(f"{i} {n}" for i, (n, _) in enumerate(RUNS)))
     args = parser.parse_args(argv)
     try:
         device = qgpt.pick_device(args.device)
@@ -89,17 +140,29 @@ def main(argv=None):
           f"width {base.n_embd}, batch {base.batch_size} x {base.block_size} tokens, {args.steps} timed steps"
           f"{', torch.compile' if args.compile else ''}, {'data ' + args.dataset if args.dataset else 'random tokens'}")
     rows = []
-    for name, preset in RUNS:
+    for index in [int(i) for i in args.runs.split(",")]:
+        name, preset = RUNS[index]
         cfg = dataclasses.replace(base, **preset)
-        rows.append((name, *bench_one(cfg, vocab_size, batches, args.steps, args.warmup, device, args.compile)))
-    base_tps, _, base_peak, base_loss = rows[0][1:]
-    print(f"{'configuration':20s} {'tokens/s':>10s} {'ms/step':>8s} {'peak MB':>8s} {'loss':>7s} | "
-          f"{'speed':>6s} {'memory':>6s} {'loss':>6s}  (ratios to the baseline)")
-    for name, tps, ms, peak, loss in rows:
+        rows.append((name, *bench_one(cfg, vocab_size, batches, args.steps, args.warmup, device, args.compile,
+                                      args.profile_steps)))
+        print(f"  {name}: {rows[-1][1]:.0f} tokens/s, {rows[-1][2]:.1f} ms/step", flush=True)
+    base_tps, _, base_peak, base_loss = rows[0][1:5]
+    print(f"{'configuration':20s} {'tokens/s':>10s} {'ms/step':>8s} {'MFU':>5s} {'peak MB':>8s} {'loss':>7s} | "
+          f"{'speed':>6s} {'memory':>6s} {'loss':>6s}  (ratios to the first row)")
+    for name, tps, ms, peak, loss, mfu, _ in rows:
         peak_text = f"{peak:8.0f}" if peak is not None else f"{'-':>8s}"
         mem_ratio = f"{peak / base_peak:6.2f}" if peak is not None else f"{'-':>6s}"
-        print(f"{name:20s} {tps:10.0f} {ms:8.1f} {peak_text} {loss:7.4f} | {tps / base_tps:6.2f} {mem_ratio} "
-              f"{loss / base_loss:6.3f}")
+        mfu_text = f"{mfu:5.1%}" if mfu is not None else f"{'-':>5s}"
+        print(f"{name:20s} {tps:10.0f} {ms:8.1f} {mfu_text} {peak_text} {loss:7.4f} | {tps / base_tps:6.2f} "
+              f"{mem_ratio} {loss / base_loss:6.3f}")
+    if args.profile_steps:
+        kinds = [b for b, _ in BUCKETS] + ["rest", "total"]
+        unit = "device" if device.type == "cuda" else "CPU operator"
+        print(f"\nwhere the time goes: {unit} ms per step, torch.profiler over {args.profile_steps} steps")
+        print(f"{'configuration':20s} " + " ".join(f"{k:>12s}" for k in kinds))
+        for name, *_, parts in rows:
+            parts = {**parts, "total": sum(parts.values())}
+            print(f"{name:20s} " + " ".join(f"{parts[k]:12.2f}" for k in kinds))
     return 0
 
 

@@ -189,6 +189,44 @@ if triton is not None:
                  mask=mask_m[:, None] & mask_n[None, :])
 
 
+    @triton.jit
+    def int8_matmul_tma_kernel(
+            a_ptr, bt_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,  # A (M, K), B^T (N, K): rows contiguous
+            M, N, K,
+            stride_am, stride_btn, stride_cm,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, DEQUANT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # Persistent: one program per SM walks the tiles tile, tile + NUM_SMS, ...; tensor descriptors
+        # let the copy engine (TMA) move whole tiles and zero-fill past the edges, so no masks.
+        a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+        bt_desc = tl.make_tensor_descriptor(bt_ptr, [N, K], [stride_btn, 1], [BLOCK_N, BLOCK_K])
+        c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
+        num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+            group_id = tile // num_pid_in_group
+            first_m = group_id * GROUP_M
+            group_rows = min(num_pid_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % num_pid_in_group) % group_rows
+            pid_n = (tile % num_pid_in_group) // group_rows
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for k0 in range(0, K, BLOCK_K):
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+                bt = bt_desc.load([pid_n * BLOCK_N, k0])
+                acc = tl.dot(a, bt.T, acc, out_dtype=tl.int32)
+            if DEQUANT:
+                offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+                b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+                out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+                if HAS_BIAS:
+                    out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c_ptr.dtype.element_ty))
+            else:
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers: check inputs, allocate, launch.
 
@@ -203,17 +241,32 @@ def _check_launchable(*tensors):
 _AUTOTUNED = {}
 
 
-def _tuned_matmul():
-    """The matmul kernel wrapped in triton.autotune, built on first GPU use (never on CPU)."""
-    if "matmul" not in _AUTOTUNED:
+MATMUL_CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
+    (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 128, 4, 8), (256, 128, 128, 4, 8),
+    (128, 256, 64, 4, 8), (256, 128, 64, 4, 8), (128, 128, 128, 4, 8), (128, 128, 128, 4, 4),
+    (128, 128, 128, 5, 4), (128, 128, 64, 5, 4), (128, 128, 256, 3, 8), (64, 256, 128, 4, 4),
+    (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 5, 4)]
+
+
+def _tuned(name):
+    """A matmul kernel wrapped in triton.autotune, built on first GPU use (never on CPU)."""
+    if name not in _AUTOTUNED:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_stages=stages, num_warps=warps)
-                   for bm, bn, bk, stages, warps in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8),
-                                                     (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
-                                                     (64, 128, 128, 4, 4), (128, 64, 128, 4, 4),
-                                                     (64, 64, 128, 5, 4)]]
-        _AUTOTUNED["matmul"] = triton.autotune(configs=configs, key=["M", "N", "K"])(int8_matmul_kernel)
-    return _AUTOTUNED["matmul"]
+                   for bm, bn, bk, stages, warps in MATMUL_CONFIGS]
+        kernel = int8_matmul_kernel if name == "pointer" else int8_matmul_tma_kernel
+        keys = ["M", "N", "K"] + (["stride_ak", "stride_bk"] if name == "pointer" else [])
+        _AUTOTUNED[name] = triton.autotune(configs=configs, key=keys)(kernel)
+        if name == "tma":  # device-side tensor descriptors need a little global scratch memory
+            triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    return _AUTOTUNED[name]
+
+
+def _tma_ok(a, b, c):
+    """TMA needs A and B^T with contiguous rows, 16-byte aligned row strides and base addresses."""
+    return (a.stride(1) == 1 and b.stride(0) == 1 and c.stride(1) == 1
+            and all(t.data_ptr() % 16 == 0 for t in (a, b, c))
+            and all((s * e) % 16 == 0 for s, e in [(a.stride(0), 1), (b.stride(1), 1), (c.stride(0), c.element_size())]))
 
 
 def quantize_rows(x, bits=8, absmax_floor=1e-5):
@@ -233,7 +286,9 @@ def quantize_columns(x, bits=8, absmax_floor=1e-5):
     """Triton: (M, N) float -> int8 codes (M, N), fp32 scale (1, N). Any strides."""
     _check_launchable(x)
     M, N = x.shape
-    codes = torch.empty((M, N), dtype=torch.int8, device=x.device)
+    # Stored as the rows of X^T (N, M), returned as its (M, N) view: each column's codes are contiguous,
+    # so the backward matmuls that sum over M read both operands K-major (what tensor cores and TMA want).
+    codes = torch.empty((N, M), dtype=torch.int8, device=x.device).t()
     scale = torch.empty((1, N), dtype=torch.float32, device=x.device)
     block_m, block_n = (64, 128) if x.is_cuda else (16, 16)
     quantize_columns_kernel[(triton.cdiv(N, block_n),)](
@@ -242,10 +297,12 @@ def quantize_columns(x, bits=8, absmax_floor=1e-5):
     return codes, scale
 
 
-def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32):
+def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_tma=None):
     """Triton: (A @ B) * a_scale[:, None] * b_scale[None, :] + bias; A (M, K), B (K, N) int8, any strides.
 
-    out_dtype=torch.int32 skips the epilogue and returns the raw int32 sums.
+    out_dtype=torch.int32 skips the epilogue and returns the raw int32 sums. use_tma=None picks the
+    persistent TMA kernel on a GPU when A's rows and B's columns are contiguous (K-major), else the
+    pointer kernel; True/False forces one (the interpreter runs both).
     """
     _check_launchable(a, b)
     if a.dtype != torch.int8 or b.dtype != torch.int8 or a.shape[1] != b.shape[0]:
@@ -259,10 +316,21 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32):
     b_scale = b_scale.reshape(-1).float()  # (N,)
     args = (a, b, c, a_scale, b_scale, a_scale if bias is None else bias, M, N, K, a.stride(0), a.stride(1),
             b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    if a.is_cuda:
-        kernel = _tuned_matmul()
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](*args, DEQUANT=dequant, HAS_BIAS=bias is not None)
+    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+    if use_tma is None:
+        use_tma = a.is_cuda and _tma_ok(a, b, c)
+    if use_tma:
+        bias_arg = args[5]
+        tma_args = (a, b, c, a_scale, b_scale, bias_arg, M, N, K, a.stride(0), b.stride(1), c.stride(0))
+        if a.is_cuda:
+            sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+            _tuned("tma")[lambda meta: (min(sms, tiles(meta)),)](*tma_args, NUM_SMS=sms, DEQUANT=dequant,
+                                                                 HAS_BIAS=bias is not None)
+        else:  # interpreter: fixed blocks, two "SMs"
+            int8_matmul_tma_kernel[(2,)](*tma_args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, NUM_SMS=2,
+                                         DEQUANT=dequant, HAS_BIAS=bias is not None)
+    elif a.is_cuda:
+        _tuned("pointer")[lambda meta: (tiles(meta),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None)
     else:  # interpreter: small fixed blocks (autotune needs a driver)
         grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
         int8_matmul_kernel[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, DEQUANT=dequant,
@@ -293,7 +361,7 @@ def check(device):
     """Every kernel against its reference, exact where the math is exact; prints each comparison."""
     torch.manual_seed(0)
     ok = True
-    for M, K, N in [(1, 1, 1), (37, 70, 19), (130, 96, 67)] + ([(4096, 768, 3072)] if device == "cuda" else []):
+    for M, K, N in [(1, 1, 1), (37, 70, 19), (130, 96, 67), (200, 96, 80)] + ([(4096, 768, 3072)] if device == "cuda" else []):
         x = torch.randn(M, K, device=device) * torch.rand(M, 1, device=device) * 3
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=device)
         b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device).t()  # column-major B
@@ -306,6 +374,13 @@ def check(device):
                  [int8_matmul_reference(a, a_scale, b, b_scale, out_dtype=torch.int32)])]:
             parts = ["codes", "scale"] if len(got) == 2 else [""]
             ok &= all(compare(f"{name} {part}".strip(), g, w) for part, g, w in zip(parts, got, want))
+        c = torch.empty(M, N, device=device)
+        if _tma_ok(a, b, c) and _tma_ok(a, b, c.int()):  # the persistent TMA kernel, where its layout allows
+            ok &= compare(f"int8_matmul tma int32 {shape}", int8_matmul(a, a_scale, b, b_scale, out_dtype=torch.int32,
+                                                                          use_tma=True),
+                          int8_matmul_reference(a, a_scale, b, b_scale, out_dtype=torch.int32))
+            ok &= compare(f"int8_matmul tma epilogue {shape}", int8_matmul(a, a_scale, b, b_scale, use_tma=True),
+                          int8_matmul_reference(a, a_scale, b, b_scale), rtol=1e-6, atol=1e-6)
         # the epilogue: the same fp32 operations; 1e-6 leaves room for a fused multiply-add
         ok &= compare(f"int8_matmul epilogue {shape}", int8_matmul(a, a_scale, b, b_scale),
                       int8_matmul_reference(a, a_scale, b, b_scale), rtol=1e-6, atol=1e-6)
@@ -313,36 +388,54 @@ def check(device):
 
 
 def benchmark():
+    """Throughput of every matmul path at GPT-2 shapes, in one run; then the quantize kernels' bandwidth."""
     from triton.testing import do_bench
     props = torch.cuda.get_device_properties(0)
-    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}; Y[M,N] = X[M,K] @ W[K,N]")
-    print(f"{'M':>6} {'K':>6} {'N':>6} | {'bf16':>6} {'_int_mm':>8} {'fp8':>6} {'triton':>7} TFLOP/s or TOP/s"
-          f" | {'triton/bf16':>11}")
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}; Y[M,N] = X[M,K] @ W[K,N], "
+          f"operands K-major; TFLOP/s (bf16, fp8) or TOP/s (int8), median of do_bench")
+    print(f"{'M':>6} {'K':>6} {'N':>6} | {'bf16':>5} {'_int_mm':>7} {'fp8':>5} {'ptr':>5} {'tma':>5} | "
+          f"{'ptr/bf16':>8} {'tma/bf16':>8}  use")
     shapes = [(16384, 768, 2304), (16384, 768, 3072), (16384, 3072, 768), (3072, 16384, 768),
-              (16384, 768, 50304), (16384, 1600, 6400), (16384, 6400, 1600), (4096, 4096, 4096), (8192, 8192, 8192)]
+              (768, 16384, 3072), (16384, 768, 50304), (16384, 1024, 4096), (16384, 4096, 1024),
+              (8192, 8192, 8192)]
     for M, K, N in shapes:
-        x, w = torch.randn(M, K, device="cuda", dtype=torch.bfloat16), torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+        x, wt = torch.randn(M, K, device="cuda", dtype=torch.bfloat16), torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        w = wt.t()  # (K, N), K-major, as a Linear's weight
         a, a_scale = quantize_rows(x)
-        b, b_scale = quantize_rows(w.t().contiguous())
-        b = b.t()
-        flops = 2 * M * N * K
-        rate = lambda ms: flops / ms / 1e9  # noqa: E731
-        t_bf16 = rate(do_bench(lambda: x @ w))
-        t_int = rate(do_bench(lambda: torch._int_mm(a, b.contiguous())))
+        bt, b_scale = quantize_rows(wt)
+        b = bt.t()
+        rate = lambda fn: 2 * M * N * K / do_bench(fn, return_mode="median") / 1e9  # noqa: E731
+        t_bf16 = rate(lambda: x @ w)
+        t_int = rate(lambda: torch._int_mm(a, b))
         try:
-            x8, w8 = x.to(torch.float8_e4m3fn), w.t().contiguous().to(torch.float8_e4m3fn).t()
+            x8, w8 = x.to(torch.float8_e4m3fn), wt.to(torch.float8_e4m3fn).t()
             one = torch.ones((), device="cuda")
-            t_fp8 = rate(do_bench(lambda: torch._scaled_mm(x8, w8, one, one, out_dtype=torch.bfloat16)))
+            t_fp8 = rate(lambda: torch._scaled_mm(x8, w8, one, one, out_dtype=torch.bfloat16))
         except (RuntimeError, AttributeError):
             t_fp8 = float("nan")
-        t_tri = rate(do_bench(lambda: int8_matmul(a, a_scale, b, b_scale, out_dtype=torch.bfloat16)))
-        print(f"{M:>6} {K:>6} {N:>6} | {t_bf16:6.0f} {t_int:8.0f} {t_fp8:6.0f} {t_tri:7.0f} | {t_tri / t_bf16:11.2f}")
-    x = torch.randn(16384, 3072, device="cuda", dtype=torch.bfloat16)
-    ms = do_bench(lambda: quantize_rows(x))
-    ms_ref = do_bench(lambda: quantize_rows_reference(x))
-    moved = x.numel() * 3 + 16384 * 4  # bf16 read + int8 write + scales
-    print(f"quantize_rows 16384x3072 bf16: {ms * 1e3:.0f} us ({moved / ms / 1e9:.2f} TB/s); "
-          f"PyTorch eager reference {ms_ref * 1e3:.0f} us")
+        t_ptr = rate(lambda: int8_matmul(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, use_tma=False))
+        t_tma = rate(lambda: int8_matmul(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, use_tma=True))
+        best = "tma" if t_tma >= t_ptr else "ptr"
+        print(f"{M:>6} {K:>6} {N:>6} | {t_bf16:5.0f} {t_int:7.0f} {t_fp8:5.0f} {t_ptr:5.0f} {t_tma:5.0f} | "
+              f"{t_ptr / t_bf16:8.2f} {t_tma / t_bf16:8.2f}  {best}", flush=True)
+    for name in ("pointer", "tma"):
+        for key, config in getattr(_AUTOTUNED.get(name), "cache", {}).items():
+            print(f"  best {name} config for {key[:3]}: {config}")
+    # the old layout of dW = G^T X (both operands M-major), pointer kernel, for comparison
+    g, xx = torch.randn(16384, 3072, device="cuda"), torch.randn(16384, 768, device="cuda")
+    ga, gs = quantize_rows(g.t().contiguous().t())
+    xb, xs = quantize_rows(xx.t().contiguous().t())
+    rate = 2 * 3072 * 16384 * 768 / do_bench(lambda: int8_matmul(ga, gs, xb.t(), xs, out_dtype=torch.bfloat16),
+                                               return_mode="median") / 1e9
+    print(f"dW 3072x16384x768 with M-major operands (pointer kernel): {rate:.0f} TOP/s")
+    for M, K in [(16384, 768), (16384, 3072)]:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        moved = x.numel() * 3  # bf16 read + int8 write (scales are noise)
+        for name, fn in [("quantize_rows", quantize_rows), ("quantize_columns", quantize_columns),
+                         ("reference rows (eager)", quantize_rows_reference),
+                         ("reference rows (compiled)", torch.compile(quantize_rows_reference))]:
+            ms = do_bench(lambda: fn(x), return_mode="median")
+            print(f"{name:26s} {M}x{K} bf16: {ms * 1e3:6.1f} us, {moved / ms / 1e9:5.2f} TB/s", flush=True)
 
 
 def main():

@@ -699,7 +699,7 @@ class QAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, m_bits=32,
                  v_bits=32, m_granularity="block", v_granularity="block", block_size=128, v_map="sqrt",
-                 min_size=4096):
+                 min_size=4096, fused=None):
         for bits in (m_bits, v_bits):
             if bits not in (4, 8, 16, 32):
                 raise ValueError(f"state bits must be 4, 8, 16 or 32, got {bits}")
@@ -707,6 +707,7 @@ class QAdamW(torch.optim.Optimizer):
                         v_bits=v_bits, m_granularity=m_granularity, v_granularity=v_granularity,
                         block_size=block_size, v_map=v_map, min_size=min_size)
         super().__init__(params, defaults)
+        self.fused = fused  # fp32 states through torch's fused AdamW kernel; None: on CUDA only
         for group in self.param_groups:  # states exist from the start, so memory can be measured
             for p in group["params"]:
                 self._init_state(p, group)
@@ -718,9 +719,14 @@ class QAdamW(torch.optim.Optimizer):
     def _init_state(self, p, group):
         m_bits, v_bits = self._widths(p, group)
         m, v = torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)
-        self.state[p] = {"step": torch.tensor(0.0),
+        step_device = p.device if self._is_fused(p, group) else "cpu"  # torch's fused kernel wants it there
+        self.state[p] = {"step": torch.tensor(0.0, device=step_device),
                          **{"m_" + k: t for k, t in self._encode(m, m_bits, True, group).items()},
                          **{"v_" + k: t for k, t in self._encode(v, v_bits, False, group).items()}}
+
+    def _is_fused(self, p, group):
+        fused = p.is_cuda if self.fused is None else self.fused
+        return fused and self._widths(p, group) == (32, 32)
 
     @staticmethod
     def _encode(x, bits, signed, group):
@@ -747,8 +753,16 @@ class QAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            fused = [p for p in group["params"] if p.grad is not None and self._is_fused(p, group)]
+            if fused:  # fp32 states: torch's fused AdamW, one kernel for all of them
+                states = [self.state[p] for p in fused]
+                steps = [state["step"] for state in states]
+                torch._foreach_add_(steps, 1)
+                torch._fused_adamw_(fused, [p.grad for p in fused], [state["m_value"] for state in states],
+                                    [state["v_value"] for state in states], [], steps, lr=lr, beta1=beta1,
+                                    beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or self._is_fused(p, group):
                     continue
                 grad, state = p.grad.float(), self.state[p]
                 m_bits, v_bits = self._widths(p, group)

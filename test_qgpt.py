@@ -4,8 +4,10 @@ Tests for qgpt.py, kernels.py and prepare_data.py. CPU only, no network:
     python -m pytest test_qgpt.py            # everything, about 2 minutes on 2 cores
     python -m pytest test_qgpt.py -k quantize   # one seam (see README, "Using qgpt in a course")
 
-Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before kernels.py is
-imported); they skip only when triton itself is missing.
+Triton kernels run under Triton's interpreter on CPU (TRITON_INTERPRET=1, set here before kernels.py
+is imported) and compiled on the GPU where CUDA is present; they skip only when triton is missing.
+
+    python -m pytest test_qgpt.py -k "kernel or triton"   # on a GPU machine: the kernels, natively
 """
 
 import json
@@ -16,11 +18,12 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.py defines its kernels
-
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.py defines its kernels
 import torch.nn as nn
 
 import course
@@ -696,10 +699,15 @@ def test_compare_helper(capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# kernels.py under Triton's interpreter
+# kernels.py: compiled on a CUDA GPU, under Triton's interpreter on CPU
 
 kernels = pytest.importorskip("kernels")
 needs_triton = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+KDEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"  # where the kernel tests run
+
+
+def on_kdev(*tensors):
+    return [t.to(KDEV) for t in tensors]
 
 
 @needs_triton
@@ -712,7 +720,8 @@ def test_kernel_matmul_exact_int32(M, K, N):
     expected = a.int() @ b.int()
     for name, aa, bb in [("row-major", a, b), ("column-major B", a, b.t().contiguous().t()),
                          ("column-major A", a.t().contiguous().t(), b)]:
-        got = kernels.int8_matmul(aa, ones_m, bb, ones_n, out_dtype=torch.int32)
+        aa, bb, om, on = on_kdev(aa, bb, ones_m, ones_n)  # .to() keeps the strides
+        got = kernels.int8_matmul(aa, om, bb, on, out_dtype=torch.int32).cpu()
         assert torch.equal(got, expected), f"{name} {M}x{K}x{N}: int32 sums differ from A.int() @ B.int()"
 
 
@@ -721,15 +730,17 @@ def test_kernel_matmul_strided_inputs_and_epilogue():
     gen = torch.Generator().manual_seed(0)
     big_a = torch.randint(-128, 128, (70, 90), dtype=torch.int8, generator=gen)
     big_b = torch.randint(-128, 128, (90, 80), dtype=torch.int8, generator=gen)
+    big_a, big_b = on_kdev(big_a, big_b)
     a, b = big_a[::2, 5:50], big_b[10:55, ::3]  # (35, 45) and (45, 27), non-unit strides
-    assert torch.equal(kernels.int8_matmul(a, torch.ones(35), b, torch.ones(27), out_dtype=torch.int32),
-                       a.int() @ b.int()), "strided inputs"
-    a_scale, b_scale, bias = torch.rand(35, 1) + 0.1, torch.rand(1, 27) + 0.1, torch.randn(27)
-    got = kernels.int8_matmul(a, a_scale, b, b_scale, bias)
-    ref = kernels.int8_matmul_reference(a, a_scale, b, b_scale, bias)
+    ones_m, ones_n = on_kdev(torch.ones(35), torch.ones(27))
+    assert torch.equal(kernels.int8_matmul(a, ones_m, b, ones_n, out_dtype=torch.int32).cpu(),
+                       a.cpu().int() @ b.cpu().int()), "strided inputs"
+    a_scale, b_scale, bias = on_kdev(torch.rand(35, 1) + 0.1, torch.rand(1, 27) + 0.1, torch.randn(27))
+    got = kernels.int8_matmul(a, a_scale, b, b_scale, bias).cpu()
+    ref = kernels.int8_matmul_reference(*[t.cpu() for t in (a, a_scale, b, b_scale, bias)])
     # The epilogue is the same fp32 operations in the same order; 1e-6 leaves room for a fused multiply-add.
     assert compare("epilogue", got, ref, rtol=1e-6, atol=1e-6), "fused epilogue differs from the reference"
-    got16 = kernels.int8_matmul(a, a_scale, b, b_scale, bias, out_dtype=torch.bfloat16)
+    got16 = kernels.int8_matmul(a, a_scale, b, b_scale, bias, out_dtype=torch.bfloat16).cpu()
     # bf16 keeps 8 significant bits; Triton's interpreter truncates the cast where a GPU rounds to nearest:
     # one bf16 step (2^-7 relative) covers both.
     assert got16.dtype == torch.bfloat16 and torch.allclose(got16.float(), ref, rtol=2 ** -7, atol=0)
@@ -740,15 +751,16 @@ def test_kernel_matmul_strided_inputs_and_epilogue():
 def test_kernel_quantize_equals_qgpt_quantize(M, K):
     x = torch.randn(M, K) * torch.rand(M, 1) * 4
     x[0, :] = 0.0  # an all-zero row takes the floor
+    xk, = on_kdev(x)
     for bits in (8, 4):
-        codes, scale = kernels.quantize_rows(x, bits)
+        codes, scale = [t.cpu() for t in kernels.quantize_rows(xk, bits)]
         ref_codes, ref_scale, _ = quantize(x, bits, "row")
         assert torch.equal(codes, ref_codes), f"quantize_rows {bits}-bit codes differ from qgpt.quantize(row)"
         assert torch.equal(scale, ref_scale), "quantize_rows scales differ"
-        codes, scale = kernels.quantize_columns(x, bits)
+        codes, scale = [t.cpu() for t in kernels.quantize_columns(xk, bits)]
         ref_codes, ref_scale, _ = quantize(x, bits, "column")
         assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale), "quantize_columns differs"
-    codes, scale = kernels.quantize_rows(x.to(torch.bfloat16))
+    codes, scale = [t.cpu() for t in kernels.quantize_rows(xk.to(torch.bfloat16))]
     ref_codes, ref_scale, _ = quantize(x.to(torch.bfloat16), 8, "row")
     assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale), "bf16 input"
 
@@ -758,15 +770,15 @@ def test_kernel_backend_trains_a_gpt_like_sim(tmp_path):
     """A whole GPT with the int8 recipe: Triton (interpreted) and simulated backends, same loss and grads."""
     cfg = tiny_cfg(tmp_path, **qgpt.PRESETS["int8"])
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randint(0, 32, (2, 16), generator=gen), torch.randint(0, 32, (2, 16), generator=gen)
+    x, y = on_kdev(torch.randint(0, 32, (2, 16), generator=gen), torch.randint(0, 32, (2, 16), generator=gen))
     grads = {}
     for backend in (qgpt.SimBackend, kernels.TritonBackend):
         torch.manual_seed(0)
         model = qgpt.GPT(cfg, vocab_size=32)
         qgpt.quantize_model(model, cfg, backend)
-        loss = model(x, y)[1]
+        loss = model.to(KDEV)(x, y)[1]
         loss.backward()
-        grads[backend.name] = [loss.detach()] + [p.grad for p in model.parameters()]
+        grads[backend.name] = [loss.detach().cpu()] + [p.grad.cpu() for p in model.parameters()]
     for i, (a, b) in enumerate(zip(grads["triton"], grads["sim"])):
         # int32 (Triton) vs fp32 (sim) sums of the same codes differ by fp32 rounding (about 4e-7 here).
         # With other inputs a sum can straddle a rounding tie of the next quantizer and flip one code by
@@ -778,10 +790,12 @@ def test_kernel_backend_trains_a_gpt_like_sim(tmp_path):
 @needs_triton
 def test_kernel_backend_matches_sim_backend():
     cfg = Config(recipe="int8", wbits=8, abits=8, gbits=8, g_matmuls="both")
-    x, g = torch.randn(2, 9, 24), torch.randn(2, 9, 16)
+    x, g = on_kdev(torch.randn(2, 9, 24), torch.randn(2, 9, 16))
     _, sim = _linear_pair(cfg, qgpt.SimBackend)
     _, tri = _linear_pair(cfg, kernels.TritonBackend)
+    sim, tri = sim.to(KDEV), tri.to(KDEV)
     for name, a, b in zip(["output", "dX", "dW", "db"], _grads(tri, x, g), _grads(sim, x, g)):
+        a, b = a.cpu(), b.cpu()
         # same codes and scales; sums in int32 (Triton) vs fp32 (sim): fp32 rounding only
         assert compare(f"triton vs sim {name}", a, b, rtol=1e-5, atol=1e-5), f"triton vs sim {name} differ"
 

@@ -39,7 +39,8 @@ def quantize_rows_reference(x, bits=8, absmax_floor=1e-5):
     """(M, K) float -> int8 codes (M, K), fp32 scale (M, 1); symmetric, one scale per row."""
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
-    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=absmax_floor) / qmax  # (M, 1) fp32
+    absmax = xf.abs().amax(dim=1, keepdim=True).clamp(min=absmax_floor)  # (M, 1) fp32
+    scale = absmax / torch.full_like(absmax, qmax)  # a tensor divisor: IEEE division on CUDA too
     codes = torch.round(xf / scale).clamp(-qmax - 1, qmax).to(torch.int8)  # clamp before the cast
     return codes, scale
 
@@ -248,18 +249,34 @@ MATMUL_CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
     (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 5, 4)]
 
 
+SMALL_MATMUL = 2 ** 28  # M * N * K below this: one fixed config (autotuning would cost more than it saves)
+SMALL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_stages=3, num_warps=4)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Skip tiles much larger than the problem (they only pad)."""
+    M, N = named_args["M"], named_args["N"]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, M) and c.kwargs["BLOCK_N"] <= max(64, N)]
+    return keep or configs
+
+
 def _tuned(name):
     """A matmul kernel wrapped in triton.autotune, built on first GPU use (never on CPU)."""
     if name not in _AUTOTUNED:
+        from triton.testing import do_bench
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_stages=stages, num_warps=warps)
                    for bm, bn, bk, stages, warps in MATMUL_CONFIGS]
         kernel = int8_matmul_kernel if name == "pointer" else int8_matmul_tma_kernel
         keys = ["M", "N", "K"] + (["stride_ak", "stride_bk"] if name == "pointer" else [])
-        _AUTOTUNED[name] = triton.autotune(configs=configs, key=keys)(kernel)
-        if name == "tma":  # device-side tensor descriptors need a little global scratch memory
-            triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _AUTOTUNED[name] = triton.autotune(
+            configs=configs, key=keys, prune_configs_by={"early_config_prune": _prune},
+            do_bench=lambda fn, quantiles: do_bench(fn, warmup=5, rep=20, quantiles=quantiles))(kernel)
     return _AUTOTUNED[name]
+
+
+def _scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _tma_ok(a, b, c):
@@ -323,12 +340,21 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_
         bias_arg = args[5]
         tma_args = (a, b, c, a_scale, b_scale, bias_arg, M, N, K, a.stride(0), b.stride(1), c.stride(0))
         if a.is_cuda:
+            # device-side tensor descriptors need scratch memory; the allocator is per thread (the
+            # backward runs in autograd's own thread), so it is set at every launch
+            triton.set_allocator(_scratch)
             sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-            _tuned("tma")[lambda meta: (min(sms, tiles(meta)),)](*tma_args, NUM_SMS=sms, DEQUANT=dequant,
-                                                                 HAS_BIAS=bias is not None)
+            if M * N * K < SMALL_MATMUL:
+                int8_matmul_tma_kernel[(min(sms, tiles(SMALL_CONFIG)),)](
+                    *tma_args, NUM_SMS=sms, DEQUANT=dequant, HAS_BIAS=bias is not None, **SMALL_CONFIG)
+            else:
+                _tuned("tma")[lambda meta: (min(sms, tiles(meta)),)](*tma_args, NUM_SMS=sms, DEQUANT=dequant,
+                                                                     HAS_BIAS=bias is not None)
         else:  # interpreter: fixed blocks, two "SMs"
             int8_matmul_tma_kernel[(2,)](*tma_args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, NUM_SMS=2,
                                          DEQUANT=dequant, HAS_BIAS=bias is not None)
+    elif a.is_cuda and M * N * K < SMALL_MATMUL:
+        int8_matmul_kernel[(tiles(SMALL_CONFIG),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None, **SMALL_CONFIG)
     elif a.is_cuda:
         _tuned("pointer")[lambda meta: (tiles(meta),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None)
     else:  # interpreter: small fixed blocks (autotune needs a driver)
@@ -338,20 +364,45 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_
     return c
 
 
+# PyTorch custom operators: torch.compile sees each launcher as one opaque op (with a fake version
+# that only says the output shapes), so the int8 recipe traces with fullgraph=True.
+
+@torch.library.custom_op("qgpt::quantize_rows", mutates_args=())
+def quantize_rows_op(x: torch.Tensor, bits: int, absmax_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row codes of any 2-D view, returned contiguous: a transposed view is walked down its columns."""
+    if x.stride(0) == 1 and x.shape[1] > 1:  # a transposed view (e.g. G^T for dW): the column kernel
+        codes, scale = quantize_columns(x.t(), bits, absmax_floor)
+        return codes.t(), scale.t()  # the column kernel stores X^T's rows contiguous
+    return quantize_rows(x, bits, absmax_floor)
+
+
+@quantize_rows_op.register_fake
+def _(x, bits, absmax_floor):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("qgpt::int8_matmul", mutates_args=())
+def int8_matmul_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return int8_matmul(a, a_scale, b, b_scale, bias, out_dtype)
+
+
+@int8_matmul_op.register_fake
+def _(a, a_scale, b, b_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
 class TritonBackend:
     """qgpt's int8 backend on Triton kernels; same signatures as qgpt.SimBackend."""
     name = "triton"
 
     @staticmethod
     def quantize_rows(x, bits, absmax_floor):
-        if x.stride(0) == 1 and x.dim() == 2 and x.shape[1] > 1:  # a transposed view: walk its columns
-            codes, scale = quantize_columns(x.t(), bits, absmax_floor)
-            return codes.t(), scale.t()
-        return quantize_rows(x, bits, absmax_floor)
+        return quantize_rows_op(x, bits, absmax_floor)
 
     @staticmethod
     def int8_matmul(a_codes, a_scale, b_codes, b_scale, bias=None, out_dtype=torch.float32):
-        return int8_matmul(a_codes, a_scale, b_codes, b_scale, bias, out_dtype)
+        return int8_matmul_op(a_codes, a_scale, b_codes, b_scale, bias, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,8 +447,7 @@ def benchmark():
     print(f"{'M':>6} {'K':>6} {'N':>6} | {'bf16':>5} {'_int_mm':>7} {'fp8':>5} {'ptr':>5} {'tma':>5} | "
           f"{'ptr/bf16':>8} {'tma/bf16':>8}  use")
     shapes = [(16384, 768, 2304), (16384, 768, 3072), (16384, 3072, 768), (3072, 16384, 768),
-              (768, 16384, 3072), (16384, 768, 50304), (16384, 1024, 4096), (16384, 4096, 1024),
-              (8192, 8192, 8192)]
+              (16384, 768, 50304), (8192, 8192, 8192)]
     for M, K, N in shapes:
         x, wt = torch.randn(M, K, device="cuda", dtype=torch.bfloat16), torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         w = wt.t()  # (K, N), K-major, as a Linear's weight

@@ -265,12 +265,14 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, abs
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if symmetric:
         absmax = reduce(torch.amax, view.abs()).clamp(min=absmax_floor)
-        scale = absmax / qmax  # fp32, one per group of elements: () / (R, 1) / (1, C) / (R, C // g, 1)
+        # fp32, one per group of elements: () / (R, 1) / (1, C) / (R, C // g, 1). A tensor divisor, not a
+        # Python number: CUDA divides by a number through its reciprocal (1 ulp off); tensors divide exactly.
+        scale = absmax / torch.full_like(absmax, qmax)
         zero_point = None
         shifted = torch.round(view / scale)
     else:
         low, high = reduce(torch.amin, view), reduce(torch.amax, view)
-        scale = (high - low).clamp(min=absmax_floor) / (qmax - qmin)
+        scale = (high - low).clamp(min=absmax_floor) / torch.full_like(low, qmax - qmin)
         zero_point = qmin - torch.round(low / scale)
         shifted = torch.round(view / scale) + zero_point
     # Clamp while still float: casting 128.0 to int8 would wrap around to -128.

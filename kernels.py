@@ -20,6 +20,7 @@ How it works:
 Block sizes: autotuned on a GPU; fixed in Python under the interpreter (no driver there).
 """
 
+import math
 import os
 import sys
 
@@ -56,9 +57,11 @@ def int8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.flo
 
     out_dtype=torch.int32 returns the raw int32 sums. float64 holds them exactly (|sum| < 2^53).
     """
-    acc = (a.double() @ b.double()).to(torch.int32)  # (M, N) exact integer sums
+    acc = a.double() @ b.double()  # (M, N) exact integer sums
     if out_dtype == torch.int32:
-        return acc
+        if acc.abs().max() >= 2 ** 31:
+            raise ValueError("the int32 sums overflow: ask for a float out_dtype")
+        return acc.to(torch.int32)
     out = acc.float() * a_scale.view(-1, 1).float() * b_scale.view(1, -1).float()
     return (out if bias is None else out + bias.float()).to(out_dtype)
 
@@ -91,8 +94,22 @@ if triton is not None:
 
     @triton.jit
     def _codes(x, scale, qmax):
+        """int8 codes of x at one scale: qgpt.quantize's arithmetic, a NaN (x or scale) gives code 0."""
         # div_rn: IEEE division, as torch does; Triton's `/` on fp32 is approximate on GPUs.
-        return tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale)), -qmax - 1.0), qmax)
+        t = _round_half_even(tl.math.div_rn(x, scale))
+        q = tl.minimum(tl.maximum(t, -qmax - 1.0), qmax)  # clamp before the cast; min/max drop NaN, so:
+        return tl.where(t == t, q, 0.0).to(tl.int8)
+
+    @triton.jit
+    def _absmax(x, axis):
+        """max |x| along axis, NaN if any element is NaN (tl.max alone skips NaN, torch.amax does not)."""
+        has_nan = tl.max((x != x).to(tl.int32), axis=axis)
+        return tl.where(has_nan > 0, float("nan"), tl.max(tl.abs(x), axis=axis))
+
+    @triton.jit
+    def _scale(absmax, absmax_floor, qmax):
+        """absmax.clamp(min=floor) / qmax, as qgpt.quantize: a NaN absmax stays NaN."""
+        return tl.math.div_rn(tl.where(absmax < absmax_floor, absmax_floor, absmax), qmax)
 
     # SEAM: kernel_quantize
     @triton.jit
@@ -109,44 +126,67 @@ if triton is not None:
         if SINGLE_PASS:  # the whole row fits in one block: one read, one write
             mask = offs_k < K
             x = tl.load(x_row + offs_k * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), absmax_floor), qmax)
-            tl.store(c_row + offs_k * stride_ck, _codes(x, scale, qmax).to(tl.int8), mask=mask)
+            scale = _scale(_absmax(x, 0), absmax_floor, qmax)
+            tl.store(c_row + offs_k * stride_ck, _codes(x, scale, qmax), mask=mask)
         else:
             absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 mask = k0 + offs_k < K
                 x = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-                absmax = tl.maximum(absmax, tl.abs(x))
-            scale = tl.math.div_rn(tl.maximum(tl.max(absmax, axis=0), absmax_floor), qmax)
+                absmax = tl.where((x != x) | (absmax != absmax), float("nan"), tl.maximum(absmax, tl.abs(x)))
+            scale = _scale(_absmax(absmax, 0), absmax_floor, qmax)
             for k0 in range(0, K, BLOCK_K):
                 mask = k0 + offs_k < K
                 x = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-                tl.store(c_row + (k0 + offs_k) * stride_ck, _codes(x, scale, qmax).to(tl.int8), mask=mask)
+                tl.store(c_row + (k0 + offs_k) * stride_ck, _codes(x, scale, qmax), mask=mask)
         tl.store(scale_ptr + row, scale)
 
     # SEAM: kernel_quantize
     @triton.jit
-    def quantize_columns_kernel(
-            x_ptr, codes_ptr, scale_ptr,
-            M, N,
-            stride_xm, stride_xn, stride_cm, stride_cn,
-            qmax, absmax_floor,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # a band of BLOCK_N columns
-        offs_m = tl.arange(0, BLOCK_M)
-        mask_n = offs_n < N
-        absmax = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            mask = ((m0 + offs_m)[:, None] < M) & mask_n[None, :]
-            x = tl.load(x_ptr + (m0 + offs_m)[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
-            absmax = tl.maximum(absmax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
-        scale = tl.math.div_rn(tl.maximum(absmax, absmax_floor), qmax)  # (BLOCK_N,)
-        for m0 in range(0, M, BLOCK_M):
-            mask = ((m0 + offs_m)[:, None] < M) & mask_n[None, :]
-            x = tl.load(x_ptr + (m0 + offs_m)[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
-            codes = _codes(x.to(tl.float32), scale[None, :], qmax).to(tl.int8)
-            tl.store(codes_ptr + (m0 + offs_m)[:, None] * stride_cm + offs_n[None, :] * stride_cn, codes, mask=mask)
-        tl.store(scale_ptr + offs_n, scale, mask=mask_n)
+    def absmax_partials_kernel(
+            x_ptr, col_part_ptr, row_part_ptr,  # x (M, N); partial maxima (grid_m, N) and (M, grid_n)
+            M, N, stride_xm, stride_xn,
+            ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_ROWS: tl.constexpr):
+        # Pass 1 of the column (and dual) quantizer: a (ROWS, BLOCK_N) tile per program, so a tall
+        # tensor is spread over many programs; each writes its columns' max |x| over its ROWS rows
+        # (and, for the dual quantizer, each row's max over its BLOCK_N columns).
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_max = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for m0 in range(pid_m * ROWS, pid_m * ROWS + ROWS, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            tile_max = _absmax(x, 0)
+            col_max = tl.where((tile_max != tile_max) | (col_max != col_max), float("nan"),
+                               tl.maximum(col_max, tile_max))
+            if WITH_ROWS:
+                tl.store(row_part_ptr + offs_m * tl.num_programs(1) + pid_n, _absmax(x, 1), mask=offs_m < M)
+        tl.store(col_part_ptr + pid_m * N + offs_n, col_max, mask=offs_n < N)
+
+    # SEAM: kernel_quantize
+    @triton.jit
+    def quantize_tiles_kernel(
+            x_ptr, col_scale_ptr, colt_codes_ptr, row_scale_ptr, row_codes_ptr,
+            M, N, stride_xm, stride_xn, qmax,
+            ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_ROWS: tl.constexpr):
+        # Pass 2: the same tiles read again, codes written with the finished scales. Column codes go
+        # to X^T (N, M), rows contiguous, so dW = G^T X reads both operands K-major.
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_scale = tl.load(col_scale_ptr + offs_n, mask=offs_n < N, other=1.0)
+        for m0 in range(pid_m * ROWS, pid_m * ROWS + ROWS, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            tl.store(colt_codes_ptr + offs_n[None, :] * M + offs_m[:, None], _codes(x, col_scale[None, :], qmax),
+                     mask=mask)
+            if WITH_ROWS:
+                row_scale = tl.load(row_scale_ptr + offs_m, mask=offs_m < M, other=1.0)
+                tl.store(row_codes_ptr + offs_m[:, None] * N + offs_n[None, :], _codes(x, row_scale[:, None], qmax),
+                         mask=mask)
 
     # SEAM: kernel_matmul
     @triton.jit
@@ -228,6 +268,82 @@ if triton is not None:
                 c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc)
 
 
+    @triton.jit
+    def _decode_moment(codes_ptr, scale_ptr, rows, cols, row_mask,
+                       BITS: tl.constexpr, SIGNED: tl.constexpr, V_MAP: tl.constexpr, BLOCK: tl.constexpr):
+        """(ROWS, BLOCK) fp32 moment from its codes: qgpt.decode_state's arithmetic."""
+        if BITS == 8:
+            q = tl.load(codes_ptr + rows[:, None] * BLOCK + cols[None, :], mask=row_mask[:, None], other=0)
+        else:  # two codes a byte, element 2j in the low nibble of byte j
+            half = tl.arange(0, BLOCK // 2)
+            packed = tl.load(codes_ptr + rows[:, None] * (BLOCK // 2) + half[None, :], mask=row_mask[:, None], other=0)
+            q = tl.reshape(tl.join(packed & 15, packed >> 4), (rows.shape[0], BLOCK))
+        scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        q = q.to(tl.float32)
+        if SIGNED:
+            return (q - 2.0 ** (BITS - 1)) * scale
+        x = (q + (0.0 if V_MAP == 0 else 1.0)) * scale  # zero-free maps: code c means (c + 1) * scale
+        return x * x if V_MAP == 2 else x
+
+    @triton.jit
+    def _encode_moment(x, codes_ptr, scale_ptr, rows, cols, row_mask,
+                       BITS: tl.constexpr, SIGNED: tl.constexpr, V_MAP: tl.constexpr, BLOCK: tl.constexpr):
+        """Store qgpt.encode_state's codes and per-block scales of the (ROWS, BLOCK) moment x."""
+        if SIGNED:  # symmetric absmax codes, offset by 2^(b-1) into unsigned
+            qmax = 2.0 ** (BITS - 1) - 1
+            scale = _scale(_absmax(x, 1), 1e-30, qmax)
+            q = _codes(x, scale[:, None], qmax).to(tl.int32) + 2 ** (BITS - 1)
+        else:  # v >= 0: all 2^b levels on [0, max] (linear), shifted up one step (zero-free), or of sqrt(v)
+            u = tl.sqrt_rn(x) if V_MAP == 2 else x
+            offset = 0.0 if V_MAP == 0 else 1.0
+            levels = 2.0 ** BITS - 1
+            scale = _scale(_absmax(u, 1), 1e-30, levels + offset)
+            t = _round_half_even(tl.math.div_rn(u, scale[:, None])) - offset
+            q = tl.minimum(tl.maximum(t, 0.0), levels).to(tl.int32)
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
+        if BITS == 8:
+            tl.store(codes_ptr + rows[:, None] * BLOCK + cols[None, :], q.to(tl.uint8), mask=row_mask[:, None])
+        else:
+            low, high = tl.split(tl.reshape(q, (rows.shape[0], BLOCK // 2, 2)))
+            half = tl.arange(0, BLOCK // 2)
+            tl.store(codes_ptr + rows[:, None] * (BLOCK // 2) + half[None, :], (low | (high << 4)).to(tl.uint8),
+                     mask=row_mask[:, None])
+
+    @triton.jit
+    def adamw_lowbit_kernel(
+            p_ptr, g_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr,  # pointers
+            n, n_blocks,  # elements, blocks of BLOCK elements (the last one padded)
+            decay, w1, c2, beta2, neg_step_size, bias_correction2_sqrt, eps,  # the step's scalars
+            M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_MAP: tl.constexpr, SMALL_W1: tl.constexpr,
+            BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        # One pass over memory: a program takes ROWS blocks of BLOCK elements (one scale each), loads
+        # the parameter, the gradient and both moments' codes, decodes, does the AdamW update in fp32,
+        # and re-encodes the moments with their new block absmax. Operations in QAdamW's order, with
+        # fused multiply-adds where PyTorch's lerp_ and addcmul_ have them, so the results are equal.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        row_mask = rows < n_blocks
+        idx = rows[:, None] * BLOCK + cols[None, :]
+        mask = idx < n
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0)
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        m = _decode_moment(m_codes_ptr, m_scale_ptr, rows, cols, row_mask, M_BITS, True, V_MAP, BLOCK)
+        v = _decode_moment(v_codes_ptr, v_scale_ptr, rows, cols, row_mask, V_BITS, False, V_MAP, BLOCK)
+        p = p * decay  # p.mul_(1 - lr * wd)
+        if SMALL_W1:  # m.lerp_(g, w1), PyTorch's two branches
+            m = tl.fma(w1, g - m, m)
+        else:
+            m = tl.fma(w1 - 1.0, g - m, g)
+        v = tl.fma(c2 * g, g, v * beta2)  # v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+        p = p + tl.math.div_rn(neg_step_size * m, denom)  # p.addcdiv_(m, denom, value=-step_size)
+        tl.store(p_ptr + idx, p, mask=mask)
+        m = tl.where(mask, m, 0.0)  # the padding of the last block encodes zeros, as encode_state's
+        v = tl.where(mask, v, 0.0)
+        _encode_moment(m, m_codes_ptr, m_scale_ptr, rows, cols, row_mask, M_BITS, True, V_MAP, BLOCK)
+        _encode_moment(v, v_codes_ptr, v_scale_ptr, rows, cols, row_mask, V_BITS, False, V_MAP, BLOCK)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers: check inputs, allocate, launch.
 
@@ -249,6 +365,7 @@ MATMUL_CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
     (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 5, 4)]
 
 
+MAX_K = 2 ** 16  # int32 holds a sum of K int8 products (each |.| <= 2^14) for K < 2^17; longer K is chunked
 SMALL_MATMUL = 2 ** 28  # M * N * K below this: one fixed config (autotuning would cost more than it saves)
 SMALL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_stages=3, num_warps=4)
 
@@ -300,18 +417,46 @@ def quantize_rows(x, bits=8, absmax_floor=1e-5):
 
 
 def quantize_columns(x, bits=8, absmax_floor=1e-5):
-    """Triton: (M, N) float -> int8 codes (M, N), fp32 scale (1, N). Any strides."""
+    """Triton: (M, N) float -> int8 codes (M, N), fp32 scale (1, N). Any strides.
+
+    The codes are stored as the rows of X^T (N, M) and returned as its (M, N) view.
+    """
+    (colt_codes, col_scale), _ = _quantize_tiles(x, bits, absmax_floor, with_rows=False)
+    return colt_codes.t(), col_scale
+
+
+def quantize_rows_and_columns(x, bits=8, absmax_floor=1e-5):
+    """Triton: both quantizations of (M, N) x in two passes over it (separately: three passes).
+
+    Returns ((row codes (M, N), row scale (M, 1)), (column codes as X^T (N, M), column scale (N, 1))):
+    each pair is the row quantization of x or of x^T, codes contiguous.
+    """
+    (colt_codes, col_scale), rows = _quantize_tiles(x, bits, absmax_floor, with_rows=True)
+    return rows, (colt_codes, col_scale.t())
+
+
+def _quantize_tiles(x, bits, absmax_floor, with_rows):
     _check_launchable(x)
     M, N = x.shape
-    # Stored as the rows of X^T (N, M), returned as its (M, N) view: each column's codes are contiguous,
-    # so the backward matmuls that sum over M read both operands K-major (what tensor cores and TMA want).
-    codes = torch.empty((N, M), dtype=torch.int8, device=x.device).t()
-    scale = torch.empty((1, N), dtype=torch.float32, device=x.device)
-    block_m, block_n = (64, 128) if x.is_cuda else (16, 16)
-    quantize_columns_kernel[(triton.cdiv(N, block_n),)](
-        x, codes, scale, M, N, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
-        float(2 ** (bits - 1) - 1), absmax_floor, BLOCK_M=block_m, BLOCK_N=block_n)
-    return codes, scale
+    qmax = 2 ** (bits - 1) - 1
+    rows, block_m, block_n = (512, 64, 128) if x.is_cuda else (16, 8, 16)
+    grid = (triton.cdiv(M, rows), triton.cdiv(N, block_n))
+    meta = dict(ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, WITH_ROWS=with_rows)
+    col_part = torch.empty((grid[0], N), dtype=torch.float32, device=x.device)
+    row_part = torch.empty((M, grid[1]) if with_rows else (1,), dtype=torch.float32, device=x.device)
+    absmax_partials_kernel[grid](x, col_part, row_part, M, N, x.stride(0), x.stride(1), **meta)
+
+    def scale(partials, dim):  # the maxima of the partial maxima, then qgpt.quantize's scale
+        absmax = partials.amax(dim=dim, keepdim=True).clamp(min=absmax_floor)  # amax keeps NaN
+        return absmax / torch.full_like(absmax, qmax)
+
+    col_scale = scale(col_part, 0)  # (1, N)
+    row_scale = scale(row_part, 1) if with_rows else col_scale  # (M, 1)
+    colt_codes = torch.empty((N, M), dtype=torch.int8, device=x.device)
+    row_codes = torch.empty((M, N) if with_rows else (1,), dtype=torch.int8, device=x.device)
+    quantize_tiles_kernel[grid](x, col_scale, colt_codes, row_scale, row_codes, M, N, x.stride(0), x.stride(1),
+                                float(qmax), **meta)
+    return (colt_codes, col_scale), ((row_codes, row_scale) if with_rows else None)
 
 
 def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_tma=None):
@@ -327,6 +472,14 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_
                          f"{b.dtype} {tuple(b.shape)}")
     M, K = a.shape
     N = b.shape[1]
+    if K > MAX_K:  # chunks whose int32 sums cannot overflow, added in fp32
+        if out_dtype == torch.int32:
+            raise ValueError(f"int8_matmul: K = {K} > {MAX_K}, the int32 sums could overflow: ask for a float "
+                             f"out_dtype (it sums chunks of {MAX_K} in fp32)")
+        acc = sum(int8_matmul(a[:, k0:k0 + MAX_K], a_scale, b[k0:k0 + MAX_K], b_scale, out_dtype=torch.int32,
+                              use_tma=use_tma).float() for k0 in range(0, K, MAX_K))
+        out = acc * a_scale.reshape(-1, 1).float() * b_scale.reshape(1, -1).float()
+        return (out if bias is None else out + bias.float()).to(out_dtype)
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     dequant = out_dtype != torch.int32
     a_scale = a_scale.reshape(-1).float()  # (M,)
@@ -334,6 +487,7 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_
     args = (a, b, c, a_scale, b_scale, a_scale if bias is None else bias, M, N, K, a.stride(0), a.stride(1),
             b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+    bk = 32 if K <= 256 else 512  # interpreter: fewer, longer steps along a long K
     if use_tma is None:
         use_tma = a.is_cuda and _tma_ok(a, b, c)
     if use_tma:
@@ -351,7 +505,7 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_
                 _tuned("tma")[lambda meta: (min(sms, tiles(meta)),)](*tma_args, NUM_SMS=sms, DEQUANT=dequant,
                                                                      HAS_BIAS=bias is not None)
         else:  # interpreter: fixed blocks, two "SMs"
-            int8_matmul_tma_kernel[(2,)](*tma_args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, NUM_SMS=2,
+            int8_matmul_tma_kernel[(2,)](*tma_args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, GROUP_M=4, NUM_SMS=2,
                                          DEQUANT=dequant, HAS_BIAS=bias is not None)
     elif a.is_cuda and M * N * K < SMALL_MATMUL:
         int8_matmul_kernel[(tiles(SMALL_CONFIG),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None, **SMALL_CONFIG)
@@ -359,9 +513,28 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_
         _tuned("pointer")[lambda meta: (tiles(meta),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None)
     else:  # interpreter: small fixed blocks (autotune needs a driver)
         grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
-        int8_matmul_kernel[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, DEQUANT=dequant,
+        int8_matmul_kernel[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, GROUP_M=4, DEQUANT=dequant,
                                  HAS_BIAS=bias is not None)
     return c
+
+
+V_MAPS = {"linear": 0, "zerofree": 1, "sqrt": 2}
+
+
+def adamw_lowbit_step(p, grad, m_state, v_state, m_bits, v_bits, v_map, block_size, step, lr, beta1, beta2, eps,
+                      weight_decay):
+    """Triton: one AdamW step of p in place, with 8/4-bit block-wise moments {"codes", "scale"} updated in
+    place; qgpt.QAdamW's PyTorch step is the reference. block_size: a power of two >= 2."""
+    _check_launchable(p)
+    n = p.numel()
+    n_blocks = m_state["scale"].shape[0]
+    rows = 8 if p.is_cuda else 4
+    w1 = float(torch.tensor(1 - beta1, dtype=torch.float32))  # the fp32 weight PyTorch's lerp_ compares
+    adamw_lowbit_kernel[(triton.cdiv(n_blocks, rows),)](
+        p, grad, m_state["codes"], m_state["scale"], v_state["codes"], v_state["scale"], n, n_blocks,
+        1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, -lr / (1 - beta1 ** step),
+        math.sqrt(1 - beta2 ** step), eps, M_BITS=m_bits, V_BITS=v_bits, V_MAP=V_MAPS[v_map],
+        SMALL_W1=abs(w1) < 0.5, BLOCK=block_size, ROWS=rows)
 
 
 # PyTorch custom operators: torch.compile sees each launcher as one opaque op (with a fake version

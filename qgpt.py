@@ -275,8 +275,9 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, abs
         scale = (high - low).clamp(min=absmax_floor) / torch.full_like(low, qmax - qmin)
         zero_point = qmin - torch.round(low / scale)
         shifted = torch.round(view / scale) + zero_point
-    # Clamp while still float: casting 128.0 to int8 would wrap around to -128.
-    codes = shifted.clamp(qmin, qmax).to(torch.int8).view(x.shape)  # fp32 -> int8, the shape of x
+    # Clamp while still float: casting 128.0 to int8 would wrap around to -128. A NaN (in x, or in a
+    # scale made NaN or inf by its group) gets code 0; the scale keeps the NaN or inf for the caller.
+    codes = shifted.clamp(qmin, qmax).nan_to_num(0.0).to(torch.int8).view(x.shape)  # fp32 -> int8
     return codes, scale, zero_point
 
 
@@ -640,6 +641,12 @@ def unpack_4bit(packed, numel):
     return torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[:numel]
 
 
+def sqrt_rn(x):
+    """fp32 square root, correctly rounded on every device (PyTorch's CPU kernel can be 1 ulp off;
+    kernels.py's fused AdamW is exact, and the 8/4-bit states must not depend on where they ran)."""
+    return x.double().sqrt().float()
+
+
 def _state_rows(x, granularity, block_size):
     """View a state tensor as 2-D rows that share one scale each (padding the last block)."""
     flat = x.reshape(-1)
@@ -666,10 +673,11 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
         codes, scale, _ = quantize(rows, bits, "row", absmax_floor=1e-30)
         codes = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)  # [-2^(b-1), 2^(b-1)) -> [0, 2^b)
     else:
-        u = rows.sqrt() if v_map == "sqrt" else rows
+        u = sqrt_rn(rows) if v_map == "sqrt" else rows
         offset = 0 if v_map == "linear" else 1  # zero-free maps: code c means (c + 1) * scale
         levels = 2 ** bits - 1
-        scale = u.amax(dim=1, keepdim=True).clamp(min=1e-30) / (levels + offset)
+        absmax = u.amax(dim=1, keepdim=True).clamp(min=1e-30)
+        scale = absmax / torch.full_like(absmax, levels + offset)  # a tensor divisor: exact on CUDA too
         codes = (torch.round(u / scale) - offset).clamp(0, levels).to(torch.uint8)
     codes = codes.view(-1)  # (rows * cols,) uint8
     return {"codes": pack_4bit(codes) if bits == 4 else codes, "scale": scale}  # 4 bit: (rows * cols / 2,)
@@ -730,6 +738,20 @@ class QAdamW(torch.optim.Optimizer):
         fused = p.is_cuda if self.fused is None else self.fused
         return fused and self._widths(p, group) == (32, 32)
 
+    def _lowbit_kernel(self, p, group):
+        """kernels.py's fused AdamW for 8/4-bit block-wise states, where it applies (else None)."""
+        if not (p.is_cuda if self.fused is None else self.fused) or not p.is_contiguous():
+            return None
+        size = group["block_size"]
+        if set(self._widths(p, group)) - {4, 8} or size < 2 or size & (size - 1) \
+                or {group["m_granularity"], group["v_granularity"]} != {"block"}:
+            return None
+        try:
+            import kernels
+        except ImportError:
+            return None
+        return kernels if kernels.triton is not None else None
+
     @staticmethod
     def _encode(x, bits, signed, group):
         if bits >= 16:  # plain tensors: fp32 (the decoded tensor itself, updated in place), or bf16
@@ -768,16 +790,23 @@ class QAdamW(torch.optim.Optimizer):
                     continue
                 grad, state = p.grad.float(), self.state[p]
                 m_bits, v_bits = self._widths(p, group)
-                m = self._decode(state, "m_", p.shape, m_bits, group)
-                v = self._decode(state, "v_", p.shape, v_bits, group)
                 state["step"] += 1
                 step = state["step"].item()
+                kernels = self._lowbit_kernel(p, group)
+                if kernels is not None:  # one Triton kernel: decode, update, encode, in one pass
+                    kernels.adamw_lowbit_step(p, grad.contiguous(), {"codes": state["m_codes"], "scale": state["m_scale"]},
+                                              {"codes": state["v_codes"], "scale": state["v_scale"]}, m_bits, v_bits,
+                                              group["v_map"], group["block_size"], step, lr, beta1, beta2, eps, wd)
+                    continue
+                m = self._decode(state, "m_", p.shape, m_bits, group)
+                v = self._decode(state, "v_", p.shape, v_bits, group)
                 # the arithmetic of torch.optim.AdamW (single-tensor path), operation by operation
                 p.mul_(1 - lr * wd)
                 m.lerp_(grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step_size = lr / (1 - beta1 ** step)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+                root = v.sqrt() if min(m_bits, v_bits) >= 16 else sqrt_rn(v)  # fp32/bf16: torch AdamW's own
+                denom = (root / math.sqrt(1 - beta2 ** step)).add_(eps)
                 p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-step_size)
                 state.update({"m_" + k: t for k, t in self._encode(m, m_bits, True, group).items()})
                 state.update({"v_" + k: t for k, t in self._encode(v, v_bits, False, group).items()})

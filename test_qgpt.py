@@ -687,7 +687,8 @@ def test_bench_smoke(char_data, capsys):
     assert bench.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--dataset",
                        "corpus_char", "--data_dir", str(char_data / "data")]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name, _ in bench.RUNS) and "ratios to the baseline" in out
+    assert all(name in out for name, _ in bench.RUNS) and "ratios to the first row" in out
+    assert "MFU" in out and "where the time goes" in out and all(b in out for b, _ in bench.BUCKETS)
 
 
 def test_compare_helper(capsys):

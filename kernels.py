@@ -535,6 +535,7 @@ def adamw_lowbit_step(p, grad, m_state, v_state, m_bits, v_bits, v_map, block_si
         1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, -lr / (1 - beta1 ** step),
         math.sqrt(1 - beta2 ** step), eps, M_BITS=m_bits, V_BITS=v_bits, V_MAP=V_MAPS[v_map],
         SMALL_W1=abs(w1) < 0.5, BLOCK=block_size, ROWS=rows)
+    torch.autograd.graph.increment_version(p)  # p changed behind autograd's back: say so (weight caches)
 
 
 # PyTorch custom operators: torch.compile sees each launcher as one opaque op (with a fake version
@@ -565,6 +566,21 @@ def _(a, a_scale, b, b_scale, bias, out_dtype):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
+@torch.library.custom_op("qgpt::quantize_both", mutates_args=())
+def quantize_both_op(x: torch.Tensor, bits: int, absmax_floor: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor, torch.Tensor]:
+    """Row codes of x (M, K) and of x^T (K, M), contiguous, with their scales: two passes over x."""
+    (codes, scale), (t_codes, t_scale) = quantize_rows_and_columns(x, bits, absmax_floor)
+    return codes, scale, t_codes, t_scale
+
+
+@quantize_both_op.register_fake
+def _(x, bits, absmax_floor):
+    M, K = x.shape
+    return (x.new_empty((M, K), dtype=torch.int8), x.new_empty((M, 1), dtype=torch.float32),
+            x.new_empty((K, M), dtype=torch.int8), x.new_empty((K, 1), dtype=torch.float32))
+
+
 class TritonBackend:
     """qgpt's int8 backend on Triton kernels; same signatures as qgpt.SimBackend."""
     name = "triton"
@@ -572,6 +588,11 @@ class TritonBackend:
     @staticmethod
     def quantize_rows(x, bits, absmax_floor):
         return quantize_rows_op(x, bits, absmax_floor)
+
+    @staticmethod
+    def quantize_both(x, bits, absmax_floor):
+        codes, scale, t_codes, t_scale = quantize_both_op(x, bits, absmax_floor)
+        return (codes, scale), (t_codes, t_scale)
 
     @staticmethod
     def int8_matmul(a_codes, a_scale, b_codes, b_scale, bias=None, out_dtype=torch.float32):

@@ -344,6 +344,11 @@ class SimBackend:
         return codes, scale
 
     @staticmethod
+    def quantize_both(x, bits, absmax_floor):
+        """Both row quantizations a Linear needs of one (M, K) tensor: of x and of x^T (K, M)."""
+        return SimBackend.quantize_rows(x, bits, absmax_floor), SimBackend.quantize_rows(x.t(), bits, absmax_floor)
+
+    @staticmethod
     def int8_matmul(a_codes, a_scale, b_codes, b_scale, bias=None, out_dtype=torch.float32):
         """(A @ B) * a_scale[:, None] * b_scale[None, :] + bias for A (M, K), B (K, N) int8 codes.
 
@@ -390,7 +395,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, cfg, backend, stats):
+    def forward(ctx, x, weight, bias, cfg, backend, stats, w_codes=None):
         out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         ctx.cfg, ctx.backend, ctx.stats, ctx.has_bias = cfg, backend, stats, bias is not None
         ctx.out_dtype, ctx.x_dtype, ctx.w_dtype = out_dtype, x.dtype, weight.dtype
@@ -402,13 +407,14 @@ class QuantizedLinearFunction(torch.autograd.Function):
             w_hat = fake_quantize(weight, cfg.wbits, cfg.w_granularity, True, cfg.group_size)
             ctx.save_for_backward(x, weight)
             return F.linear(x_hat.to(out_dtype), w_hat.to(out_dtype), None if bias is None else bias.to(out_dtype))
-        quantize_rows = backend.quantize_rows
-        xq = quantize_rows(x, cfg.abits, 1e-5) if cfg.abits < 16 else x  # (M, K) -> int8, (M, 1)
-        wq = quantize_rows(weight, cfg.wbits, 1e-5) if cfg.wbits < 16 else weight  # (N, K) -> int8, (N, 1)
-        if _g_quantized(cfg, "wgrad") and cfg.abits < 16:  # save int8 codes, not X
-            ctx.save_for_backward(weight, *quantize_rows(x.t(), cfg.abits, 1e-5))  # X^T (K, M) -> int8, (K, 1)
+        wq, (wt_codes, wt_scale) = w_codes if w_codes is not None else (weight, (None, None))  # W, W^T codes
+        if _g_quantized(cfg, "wgrad") and cfg.abits < 16:  # keep X^T's int8 codes for dW, not X
+            xq, (xt_codes, xt_scale) = backend.quantize_both(x, cfg.abits, 1e-5)  # X (M, K), X^T (K, M)
+            x = None
         else:
-            ctx.save_for_backward(weight, x)
+            xq = backend.quantize_rows(x, cfg.abits, 1e-5) if cfg.abits < 16 else x  # (M, K) -> int8, (M, 1)
+            xt_codes = xt_scale = None
+        ctx.save_for_backward(weight, x, xt_codes, xt_scale, wt_codes, wt_scale)  # unused ones are None
         return _matmul_abt(xq, wq, backend, bias, out_dtype)
 
     @staticmethod
@@ -426,22 +432,21 @@ class QuantizedLinearFunction(torch.autograd.Function):
             g_wgrad = g_hat if _g_quantized(cfg, "wgrad") else g
             grad_x = g_dgrad.to(ctx.out_dtype) @ weight.to(ctx.out_dtype)  # (M, N) @ (N, K)
             grad_w = g_wgrad.t().to(ctx.out_dtype) @ x.to(ctx.out_dtype)  # (N, M) @ (M, K)
-            return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None
-        weight, *x_saved = ctx.saved_tensors  # x_saved: [X] or [X^T codes (K, M), scales (K, 1)]
-        quantize_rows = backend.quantize_rows
-        if _g_quantized(cfg, "dgrad"):  # dX = G W: G per token, W per input feature (rows of W^T)
-            a = quantize_rows(g, cfg.gbits, GRAD_FLOOR)
-            b = quantize_rows(weight.t(), cfg.wbits, 1e-5) if cfg.wbits < 16 else weight.t()
-            grad_x = _matmul_abt(a, b, backend, None, ctx.out_dtype)
+            return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None, None
+        weight, x, xt_codes, xt_scale, wt_codes, wt_scale = ctx.saved_tensors
+        dgrad, wgrad = _g_quantized(cfg, "dgrad"), _g_quantized(cfg, "wgrad")
+        if dgrad and wgrad:  # G (M, N) and G^T (N, M) codes, from two passes over G
+            gq, gtq = backend.quantize_both(g, cfg.gbits, GRAD_FLOOR)
         else:
-            grad_x = g.to(ctx.out_dtype) @ weight.to(ctx.out_dtype)
-        if _g_quantized(cfg, "wgrad"):  # dW = G^T X: G per output channel, X per input feature
-            a = quantize_rows(g.t(), cfg.gbits, GRAD_FLOOR)
-            b = tuple(x_saved) if len(x_saved) == 2 else x_saved[0].t()
-            grad_w = _matmul_abt(a, b, backend, None, ctx.out_dtype)
-        else:
-            grad_w = g.t().to(ctx.out_dtype) @ x_saved[0].to(ctx.out_dtype)
-        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None
+            gq = backend.quantize_rows(g, cfg.gbits, GRAD_FLOOR) if dgrad else g
+            gtq = backend.quantize_rows(g.t(), cfg.gbits, GRAD_FLOOR) if wgrad else g.t()
+        # dX = G W: G per token (M), W per input feature (rows of W^T, K); sums over N
+        grad_x = _matmul_abt(gq, (wt_codes, wt_scale) if wt_codes is not None else weight.t(), backend, None,
+                             ctx.out_dtype)
+        # dW = G^T X: G per output channel (rows of G^T, N), X per input feature (rows of X^T, K); sums over M
+        grad_w = _matmul_abt(gtq, (xt_codes, xt_scale) if xt_codes is not None else x.t(), backend, None,
+                             ctx.out_dtype)
+        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None, None
 
 
 def _g_quantized(cfg, matmul):
@@ -463,10 +468,29 @@ class QLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device="meta")
         self.cfg, self.backend = cfg, backend
         self.stats = None  # set to {} to record diagnostics on the next forward/backward
+        self.weight_cache = None  # ((version, address), W codes, W^T codes)
+
+    def weight_codes(self):
+        """W's int8 codes and scales, rows (forward) and columns (dX), for the int8 recipe.
+
+        W only changes at optimizer.step(), so the codes are kept until the weight's version counter
+        (bumped by every in-place op: the optimizer, load_state_dict) or its storage changes: one
+        quantization per step, not two per micro-step. Edits through `.data` bypass the counter.
+        """
+        if self.cfg.recipe != "int8" or self.cfg.wbits >= 16:
+            return None
+        w = self.weight.detach()
+        if torch.compiler.is_compiling():  # no Python-side state in a compiled graph
+            return self.backend.quantize_both(w, self.cfg.wbits, 1e-5)
+        key = (self.weight._version, w.data_ptr(), w.device)
+        if self.weight_cache is None or self.weight_cache[0] != key:
+            self.weight_cache = (key, *self.backend.quantize_both(w, self.cfg.wbits, 1e-5))
+        return self.weight_cache[1:]
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (B*T, C)
-        y = QuantizedLinearFunction.apply(x2, self.weight, self.bias, self.cfg, self.backend, self.stats)
+        y = QuantizedLinearFunction.apply(x2, self.weight, self.bias, self.cfg, self.backend, self.stats,
+                                          self.weight_codes())
         return y.view(*x.shape[:-1], -1)
 
 

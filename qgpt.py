@@ -463,6 +463,7 @@ def _record_stats(stats, operand, x, bits, granularity, cfg, floor=1e-5):
 
 class QLinear(nn.Linear):
     """nn.Linear whose matmuls go through QuantizedLinearFunction. Shares its parameters."""
+    cache_weight_codes = True
 
     def __init__(self, in_features, out_features, bias, cfg, backend):
         super().__init__(in_features, out_features, bias=bias, device="meta")
@@ -480,7 +481,7 @@ class QLinear(nn.Linear):
         if self.cfg.recipe != "int8" or self.cfg.wbits >= 16:
             return None
         w = self.weight.detach()
-        if torch.compiler.is_compiling():  # no Python-side state in a compiled graph
+        if torch.compiler.is_compiling() or not self.cache_weight_codes:  # no Python-side state when compiled
             return self.backend.quantize_both(w, self.cfg.wbits, 1e-5)
         key = (self.weight._version, w.data_ptr(), w.device)
         if self.weight_cache is None or self.weight_cache[0] != key:

@@ -801,6 +801,147 @@ def test_kernel_backend_matches_sim_backend():
         assert compare(f"triton vs sim {name}", a, b, rtol=1e-5, atol=1e-5), f"triton vs sim {name} differ"
 
 
+@needs_triton
+@pytest.mark.parametrize("M,K,N", [(1, 16, 16), (64, 96, 48), (130, 64, 80)])
+def test_kernel_matmul_tma_exact_int32(M, K, N):
+    """The persistent TMA kernel (K-major A and B, 16-byte aligned rows) sums exactly too."""
+    gen = torch.Generator().manual_seed(M + K + N)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=gen)
+    bt = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
+    a_scale, b_scale, bias = torch.rand(M) + 0.1, torch.rand(N) + 0.1, torch.randn(N)
+    ak, btk, ask, bsk, biask = on_kdev(a, bt, a_scale, b_scale, bias)
+    got = kernels.int8_matmul(ak, ask, btk.t(), bsk, out_dtype=torch.int32, use_tma=True).cpu()
+    assert torch.equal(got, a.int() @ bt.int().t()), f"TMA kernel {M}x{K}x{N}: int32 sums differ from A @ B"
+    got = kernels.int8_matmul(ak, ask, btk.t(), bsk, biask, use_tma=True).cpu()
+    ref = kernels.int8_matmul_reference(a, a_scale, bt.t(), b_scale, bias)
+    # the same fp32 epilogue operations; 1e-6 leaves room for a fused multiply-add
+    assert compare("tma epilogue", got, ref, rtol=1e-6, atol=1e-6), "TMA kernel epilogue differs from the reference"
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N", [(1, 1), (37, 70), (130, 96), (5, 300)])
+def test_kernel_quantize_both_equals_separate(M, N):
+    """Rows and columns in two passes give exactly the row kernel's and the column kernel's codes."""
+    gen = torch.Generator().manual_seed(M * N)
+    x = torch.randn(M, N, generator=gen) * torch.rand(M, 1, generator=gen) * 3
+    xk, = on_kdev(x)
+    (rows, row_scale), (cols_t, col_scale) = kernels.quantize_rows_and_columns(xk)
+    ref_rows, ref_row_scale = kernels.quantize_rows(xk)
+    ref_cols, ref_col_scale = kernels.quantize_columns(xk)
+    assert torch.equal(rows, ref_rows) and torch.equal(row_scale, ref_row_scale), "row half differs"
+    assert torch.equal(cols_t, ref_cols.t()) and torch.equal(col_scale, ref_col_scale.t()), "column half differs"
+    assert cols_t.is_contiguous(), "column codes must be stored as X^T's rows (K-major for dW)"
+
+
+@needs_triton
+@pytest.mark.parametrize("m_bits,v_bits,beta1", [(8, 8, 0.9), (4, 4, 0.9), (8, 4, 0.9), (4, 8, 0.3)])
+@pytest.mark.parametrize("v_map", ["linear", "zerofree", "sqrt"])
+@pytest.mark.parametrize("shape", [(24, 40), (37, 5)])
+def test_fused_adam_kernel_equals_pytorch_step(m_bits, v_bits, beta1, v_map, shape):
+    """kernels.adamw_lowbit_step vs QAdamW's PyTorch step: parameters, codes and scales, 4 steps."""
+    results = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        p = nn.Parameter((torch.randn(shape) * 0.02).to(KDEV))
+        opt = QAdamW([p], lr=1e-2, betas=(beta1, 0.99), weight_decay=0.1, m_bits=m_bits, v_bits=v_bits,
+                     v_map=v_map, block_size=32, min_size=1, fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            p.grad = (torch.randn(shape, generator=gen) * 0.01).to(KDEV)
+            opt.step()
+        state = opt.state[p]
+        results[fused] = {"parameter": p.detach().cpu(), **{k: state[k].cpu() for k in
+                                                             ("m_codes", "m_scale", "v_codes", "v_scale")}}
+    for name, want in results[False].items():
+        got = results[True][name]
+        if KDEV == "cpu":  # the interpreter does the same fp32 operations: exact
+            assert torch.equal(got, want), f"fused AdamW kernel: {name} differs from QAdamW's PyTorch step, " \
+                                           f"max |diff| {(got.double() - want.double()).abs().max():.3g}"
+        else:  # CUDA's PyTorch divides by a number through its reciprocal and fuses multiply-adds on
+            # its own: 1 ulp apart per step, which can move a code across a rounding boundary
+            tol = 1e-5 if name in ("parameter", "m_scale", "v_scale") else 1
+            assert compare(f"fused AdamW {name}", got.double(), want.double(), rtol=tol, atol=tol * 1e-3)
+
+
+def test_fused_adam_fp32_states_use_torch_fused_adamw():
+    """32-bit states through torch's fused AdamW kernel (what QAdamW does on CUDA) vs the PyTorch loop."""
+    ours, ref = _adam_problem(), _adam_problem()
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, min_size=1)
+    fused = QAdamW(ours, fused=True, **kw)
+    assert all(fused._is_fused(p, g) for g in fused.param_groups for p in g["params"])
+    _run_adam(ours, fused, 100)
+    _run_adam(ref, QAdamW(ref, fused=False, **kw), 100)
+    for a, b in zip(ours, ref):
+        # the same AdamW in another operation order (vectorized, fused multiply-adds): 1e-6 relative
+        rel = ((a - b).abs().max() / b.abs().max()).item()
+        assert rel <= 1e-6, f"fused fp32 AdamW drifts from the PyTorch loop: relative diff {rel:.2e}"
+
+
+def test_weight_quantized_once_per_step_int8(tmp_path, monkeypatch):
+    """2 optimizer steps x 4 micro-steps quantize each weight at most 4 times; losses equal the uncached run."""
+    cfg = tiny_cfg(tmp_path, **qgpt.PRESETS["int8"])
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 32, (2, 16), generator=gen), torch.randint(0, 32, (2, 16), generator=gen))
+               for _ in range(4)]
+    seen = []
+
+    class Counting(qgpt.SimBackend):
+        @staticmethod
+        def quantize_both(x, bits, absmax_floor):
+            seen.append(x.data_ptr())
+            return qgpt.SimBackend.quantize_both(x, bits, absmax_floor)
+
+    def run():
+        torch.manual_seed(0)
+        model = qgpt.GPT(cfg, vocab_size=32)
+        qgpt.quantize_model(model, cfg, Counting)
+        opt = QAdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(2):
+            for x, y in batches:
+                loss = model(x, y)[1] / 4
+                loss.backward()
+                losses.append(loss.item())
+            opt.step()
+            opt.zero_grad()
+        return model, losses
+
+    model, cached = run()
+    weight = model.transformer.h[0].mlp.c_fc.weight.data_ptr()
+    assert 1 <= seen.count(weight) <= 4, f"c_fc.weight quantized {seen.count(weight)} times in 2 steps x 4 micro-steps"
+    monkeypatch.setattr(qgpt.QLinear, "cache_weight_codes", False)
+    seen.clear()
+    uncached_model, uncached = run()
+    count = seen.count(uncached_model.transformer.h[0].mlp.c_fc.weight.data_ptr())
+    assert count == 8, f"without the cache, every micro-step quantizes the weight: {count} times, not 8"
+    assert cached == uncached, "cached weight codes change the losses"
+    layer = model.transformer.h[0].mlp.c_fc
+    before = layer.weight_codes()[0][0].clone()
+    with torch.no_grad():
+        layer.weight.mul_(-1)  # an in-place edit must invalidate the codes
+    assert torch.equal(layer.weight_codes()[0][0], -before), "stale weight codes after an in-place edit"
+
+
+@needs_triton
+def test_triton_backend_compiles_fullgraph(tmp_path):
+    """The int8 recipe on the Triton kernels traces with fullgraph=True (custom ops); same loss and grads."""
+    cfg = tiny_cfg(tmp_path, **qgpt.PRESETS["int8"])
+    gen = torch.Generator().manual_seed(1)
+    x, y = on_kdev(torch.randint(0, 32, (2, 16), generator=gen), torch.randint(0, 32, (2, 16), generator=gen))
+    results = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = qgpt.GPT(cfg, vocab_size=32)
+        qgpt.quantize_model(model, cfg, kernels.TritonBackend)
+        model = model.to(KDEV)
+        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        loss = run(x, y)[1]
+        loss.backward()
+        results[compiled] = [loss.detach().cpu()] + [p.grad.cpu() for p in model.parameters()]
+    for i, (a, b) in enumerate(zip(results[True], results[False])):
+        assert torch.equal(a, b), f"compiled vs eager: tensor {i} differs (max |diff| {(a - b).abs().max():.3g})"
+
+
 # ----------------------------------------------------------------------------------------------
 # Course tooling (course.py)
 

@@ -113,10 +113,15 @@ def main(argv=None):
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile every configuration")
+    parser.add_argument("--inductor_quantize", action="store_true",
+                        help="with --compile: quantize in PyTorch ops that inductor fuses (kernels.TritonBackend)")
     parser.add_argument("--profile_steps", type=int, default=2, help="steps profiled for the breakdown (0 = none)")
     parser.add_argument("--runs", default=",".join(str(i) for i in range(len(RUNS))),
                         help="which configurations, by index: " + ", ".join(f"{i} {n}" for i, (n, _) in enumerate(RUNS)))
     args = parser.parse_args(argv)
+    if args.inductor_quantize:
+        import kernels
+        kernels.TritonBackend.inductor_quantize = True
     try:
         device = qgpt.pick_device(args.device)
         base = dataclasses.replace(qgpt.Config(), **MODELS[args.model], device=str(device))

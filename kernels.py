@@ -42,7 +42,7 @@ def quantize_rows_reference(x, bits=8, absmax_floor=1e-5):
     xf = x.float()
     absmax = xf.abs().amax(dim=1, keepdim=True).clamp(min=absmax_floor)  # (M, 1) fp32
     scale = absmax / torch.full_like(absmax, qmax)  # a tensor divisor: IEEE division on CUDA too
-    codes = torch.round(xf / scale).clamp(-qmax - 1, qmax).to(torch.int8)  # clamp before the cast
+    codes = torch.round(xf / scale).clamp(-qmax - 1, qmax).nan_to_num(0.0).to(torch.int8)  # clamp, then cast
     return codes, scale
 
 
@@ -582,15 +582,28 @@ def _(x, bits, absmax_floor):
 
 
 class TritonBackend:
-    """qgpt's int8 backend on Triton kernels; same signatures as qgpt.SimBackend."""
+    """qgpt's int8 backend on Triton kernels; same signatures as qgpt.SimBackend.
+
+    inductor_quantize: under torch.compile, quantize with the PyTorch reference instead of the Triton
+    kernels, so that inductor can fuse X's quantization into the LayerNorm or GELU producing X (one
+    pass over X fewer); the int8 matmuls stay Triton. Off by default: inductor's generated division
+    may round differently from the kernels' IEEE division, so codes can differ at rounding ties.
+    """
     name = "triton"
+    inductor_quantize = False
 
     @staticmethod
     def quantize_rows(x, bits, absmax_floor):
+        if TritonBackend.inductor_quantize and torch.compiler.is_compiling():
+            codes, scale = quantize_rows_reference(x, bits, absmax_floor)
+            return codes.contiguous(), scale  # K-major for the matmul, as the kernels store them
         return quantize_rows_op(x, bits, absmax_floor)
 
     @staticmethod
     def quantize_both(x, bits, absmax_floor):
+        if TritonBackend.inductor_quantize and torch.compiler.is_compiling():
+            return TritonBackend.quantize_rows(x, bits, absmax_floor), TritonBackend.quantize_rows(x.t(), bits,
+                                                                                                 absmax_floor)
         codes, scale, t_codes, t_scale = quantize_both_op(x, bits, absmax_floor)
         return (codes, scale), (t_codes, t_scale)
 

@@ -923,8 +923,11 @@ def test_weight_quantized_once_per_step_int8(tmp_path, monkeypatch):
 
 
 @needs_triton
-def test_triton_backend_compiles_fullgraph(tmp_path):
-    """The int8 recipe on the Triton kernels traces with fullgraph=True (custom ops); same loss and grads."""
+@pytest.mark.parametrize("inductor_quantize", [False, True])
+def test_triton_backend_compiles_fullgraph(tmp_path, monkeypatch, inductor_quantize):
+    """The int8 recipe on the Triton kernels traces with fullgraph=True (custom ops); same loss and grads,
+    with the quantizers as Triton kernels or as PyTorch ops for inductor to fuse."""
+    monkeypatch.setattr(kernels.TritonBackend, "inductor_quantize", inductor_quantize)
     cfg = tiny_cfg(tmp_path, **qgpt.PRESETS["int8"])
     gen = torch.Generator().manual_seed(1)
     x, y = on_kdev(torch.randint(0, 32, (2, 16), generator=gen), torch.randint(0, 32, (2, 16), generator=gen))
@@ -934,6 +937,7 @@ def test_triton_backend_compiles_fullgraph(tmp_path):
         model = qgpt.GPT(cfg, vocab_size=32)
         qgpt.quantize_model(model, cfg, kernels.TritonBackend)
         model = model.to(KDEV)
+        torch._dynamo.reset()
         run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
         loss = run(x, y)[1]
         loss.backward()

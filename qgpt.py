@@ -21,7 +21,7 @@ Course seams: the functions under a `# SEAM: <name>` comment are the ones a cour
 How it works:
  1. `quantize` maps a float tensor to integer codes with one scale per tensor, row, column or
     group: scale = absmax / (2^(b-1) - 1), code = clamp(round(x / scale)). Dynamic: the scale is
-    recomputed at every call (PAPER.md, "The quantizer").
+    recomputed at every call (the paper's Section 3).
  2. `FakeQuantize` is quantize-then-dequantize with a straight-through backward: the rounding has
     zero derivative almost everywhere, so the backward treats it as identity.
  3. A Linear has three matmuls: Y = X W^T, dX = G W, dW = G^T X. `QuantizedLinearFunction`
@@ -106,7 +106,7 @@ class Config:
     device: str = opt("auto", "auto | cpu | cuda | mps")
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(1337, "seed for init, batches and dropout")
-    # quantized Linears (PAPER.md); bits >= 16 means that operand is not quantized
+    # quantized Linears (see QuantizedLinearFunction); bits >= 16 means that operand is not quantized
     recipe: str = opt("paper", "paper (the paper's simulation) | int8 (every scale off the summed axis)",
                       ["paper", "int8"])
     wbits: int = opt(32, "weight bits (2-8, or 16/32 = off)")
@@ -206,8 +206,21 @@ def validate_config(cfg):
                  "eval_interval", "log_interval", "state_block_size", "group_size"]:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.max_iters < 0:
-        raise UserError(f"--max_iters must be >= 0, got {cfg.max_iters}")
+    for name in ["max_iters", "warmup_iters", "diag_interval", "max_new_tokens", "top_k"]:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name, low, high in [("lr", 0, None), ("temperature", 0, None), ("beta1", None, 1), ("beta2", None, 1)]:
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or (low is not None and value <= low) or (high is not None and value >= high) \
+                or (high is not None and value < 0):
+            raise UserError(f"--{name} must be {'> 0' if low is not None else 'in [0, 1)'}, got {value}")
+    for name in ["min_lr", "weight_decay", "grad_clip"]:
+        if not getattr(cfg, name) >= 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.num_samples <= 0:
+        raise UserError(f"--num_samples must be a positive integer, got {cfg.num_samples}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     for name in ["wbits", "abits", "gbits"]:
@@ -227,20 +240,28 @@ def validate_config(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Quantization primitives (PAPER.md, "The quantizer"). Pure functions; courses blank these out.
+# Quantization primitives: linear, absmax-scaled, dynamic (the paper's Section 3). Pure functions.
 
 # SEAM: quantizer
 def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=1e-5):
-    """Linear quantization of `x` to `bits`-bit signed integer codes.
+    """Linear quantization of `x` to `bits`-bit signed integer codes (2 <= bits <= 8).
 
+    Granularity: which elements share one scale. "tensor": all; "row" (aliases "channel" for a
+    weight (out, in), "token" for an activation (tokens, features)): each row of a 2-D x; "column":
+    each column; "group": each run of `group_size` consecutive elements of a row (group_size must
+    divide the row length).
     Returns (codes, scale, zero_point):
-      codes       int8, same shape as x, in [-2^(b-1), 2^(b-1) - 1]
+      codes       int8, same shape as x, in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]
       scale       fp32, shaped to broadcast against x: () tensor, (R, 1) row, (1, C) column,
                   or (R, C // group_size, 1) group (against x viewed as (R, C // g, g))
       zero_point  None when symmetric; else fp32 integer values shaped like scale
-    Symmetric: scale = max|x| / (2^(b-1) - 1). Asymmetric: scale = (max - min) / (2^b - 1) and the
-    zero point shifts min onto the lowest code. The max (or range) is floored at `absmax_floor`
-    so an all-zero group gives scale = floor and codes 0, never 0/0 = NaN.
+    Symmetric: scale = max(absmax, absmax_floor) / qmax, codes = clamp(round(x / scale), qmin, qmax).
+    Asymmetric: scale = max(max - min, absmax_floor) / (2^b - 1), zero_point = qmin - round(min / scale),
+    codes = clamp(round(x / scale) + zero_point, qmin, qmax); x is recovered as (codes - zero_point) * scale.
+    The floor applies to the max (or the range), before the division: an all-zero group gets
+    scale = absmax_floor / qmax and codes 0, never 0 / 0 = NaN. round() ties to even (torch.round);
+    the clamp happens in float, before the int8 cast. A NaN gives code 0; its group's scale is NaN
+    (a group holding +-inf: scale inf), so the NaN reaches whoever uses the scale.
     """
     granularity = canonical_granularity(granularity)
     if not 2 <= bits <= 8:
@@ -355,8 +376,9 @@ class SimBackend:
         Float matmul of the dequantized codes: the fake-quant math (exact integer products,
         summed in fp32; kernels.py sums in int32, so they differ only by fp32 rounding).
         """
-        out = (a_codes.float() * a_scale.view(-1, 1)) @ (b_codes.float() * b_scale.view(1, -1))
-        return (out if bias is None else out + bias).to(out_dtype)
+        with torch.autocast(a_codes.device.type, enabled=False):  # fp32, also inside a bf16 autocast
+            out = (a_codes.float() * a_scale.view(-1, 1)) @ (b_codes.float() * b_scale.view(1, -1))
+            return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
 GRAD_FLOOR = 1e-9  # gradients are tiny: a 1e-5 floor on their absmax would zero whole rows
@@ -378,7 +400,7 @@ def _matmul_abt(a, b, backend, bias=None, out_dtype=torch.float32):
 class QuantizedLinearFunction(torch.autograd.Function):
     """Y = X W^T + b with quantized operands. X is (M, K) tokens x features, W is (N, K).
 
-    Recipe `paper` (the paper's simulation, PAPER.md):
+    Recipe `paper` (the paper's simulation, its Section 3: fake quantization, fp32 matmuls):
       forward  Y  = fq(X, per token) fq(W, per output channel)^T   (granularities are flags)
       backward dW = fq(G, per token)^T X   and  dX = G W            (--g_matmuls moves/adds fq(G))
       The backward uses the saved *unquantized* X and W (straight-through), as the authors' code.
@@ -649,7 +671,7 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# QAdamW: AdamW whose moments are stored as real 8- or 4-bit codes (PAPER.md, "Optimizer states").
+# QAdamW: AdamW whose moments are stored as real 8- or 4-bit codes (the paper quantizes them too).
 
 # SEAM: pack4
 def pack_4bit(codes):
@@ -664,6 +686,18 @@ def pack_4bit(codes):
 def unpack_4bit(packed, numel):
     """Inverse of pack_4bit: uint8 (ceil(n / 2),) -> uint8 codes (numel,)."""
     return torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[:numel]
+
+
+def round_stochastic_bf16(x, generator):
+    """fp32 -> bf16 rounded up with probability equal to the dropped fraction (stochastic rounding).
+
+    Round-to-nearest keeps bf16's 8 significant bits and absorbs any change below half a step: a
+    second moment decaying by beta2 = 0.999 per step would never decay. Stochastic rounding is
+    unbiased, so small updates accumulate in expectation: add 16 random bits below the 16 that bf16
+    keeps, then truncate.
+    """
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((x.float().contiguous().view(torch.int32) + noise) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)
 
 
 def sqrt_rn(x):
@@ -687,11 +721,19 @@ def _state_rows(x, granularity, block_size):
 def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="linear"):
     """fp32 moment -> {"codes": uint8, "scale": fp32 (rows, 1)} at 8 or 4 bits (4: two codes a byte).
 
-    Signed (first moment m): symmetric absmax codes from `quantize`, stored with an offset of
-    2^(b-1) as unsigned bytes (or nibbles). Unsigned (second moment v >= 0): all 2^b levels cover
-    [0, max], none wasted on negatives. v_map 'linear' puts a level at 0 (the paper's map: small v
-    round to 0 and m / (sqrt(0) + eps) explodes); 'zerofree' shifts the levels up by one step so
-    the smallest is max / 2^b; 'sqrt' stores sqrt(v) zero-free, which also halves the dynamic range.
+    Layout: x is flattened and cut into rows that share one scale: granularity "tensor" gives one
+    row, "row" one per row of a 2-D x, "block" rows of block_size elements (the last one padded
+    with zeros). codes holds rows * row_length codes in that order (4 bits: element 2j in the low
+    nibble of byte j); scale holds one fp32 per row, shape (rows, 1).
+    Signed (first moment m): symmetric absmax codes from `quantize` (absmax floored at 1e-30),
+    stored with an offset of 2^(b-1) as unsigned bytes (or nibbles); scale = step between levels.
+    Unsigned (second moment v >= 0): all 2^b levels cover [0, max], none wasted on negatives:
+      'linear':   level c means c * scale, scale = max / (2^b - 1); 0 is a level (the paper's map:
+                  small v round to 0 and m / (sqrt(0) + eps) explodes);
+      'zerofree': level c means (c + 1) * scale, scale = max / 2^b; the smallest level is one step;
+      'sqrt':     as 'zerofree' on u = sqrt(v) (scale is the step in the sqrt domain; decoding
+                  squares), which also halves the dynamic range.
+    The max (of v, or of sqrt(v)) is floored at 1e-30 before the division.
     """
     rows = _state_rows(x.float(), granularity, block_size)
     if signed:
@@ -710,7 +752,13 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
 
 # SEAM: adam_state
 def decode_state(state, shape, bits, signed, v_map="linear"):
-    """Inverse of encode_state: {"codes", "scale"} -> fp32 tensor of `shape`."""
+    """Inverse of encode_state: {"codes", "scale"} -> fp32 tensor of `shape`.
+
+    The layout is recovered from the state itself: the number of rows is scale.shape[0], the row
+    length is (number of codes) // rows (4 bits: unpack first, 2 codes a byte); the padding past
+    prod(shape) elements is dropped. Signed: (code - 2^(b-1)) * scale. Unsigned: code * scale
+    ('linear'), (code + 1) * scale ('zerofree'), ((code + 1) * scale)^2 ('sqrt').
+    """
     scale = state["scale"]
     codes = unpack_4bit(state["codes"], 2 * state["codes"].numel()) if bits == 4 else state["codes"]
     rows = scale.shape[0]
@@ -743,6 +791,7 @@ class QAdamW(torch.optim.Optimizer):
                         block_size=block_size, v_map=v_map, min_size=min_size)
         super().__init__(params, defaults)
         self.fused = fused  # fp32 states through torch's fused AdamW kernel; None: on CUDA only
+        self.generators = {}  # bf16 states: the stochastic rounding's random streams, one per device
         for group in self.param_groups:  # states exist from the start, so memory can be measured
             for p in group["params"]:
                 self._init_state(p, group)
@@ -758,6 +807,14 @@ class QAdamW(torch.optim.Optimizer):
         self.state[p] = {"step": torch.tensor(0.0, device=step_device),
                          **{"m_" + k: t for k, t in self._encode(m, m_bits, True, group).items()},
                          **{"v_" + k: t for k, t in self._encode(v, v_bits, False, group).items()}}
+
+    def _generator(self, device):
+        if str(device) not in self.generators:
+            self.generators[str(device)] = torch.Generator(device).manual_seed(0)
+        return self.generators[str(device)]
+
+    def state_dict(self):
+        return {**super().state_dict(), "rounding": {d: g.get_state() for d, g in self.generators.items()}}
 
     def _is_fused(self, p, group):
         fused = p.is_cuda if self.fused is None else self.fused
@@ -777,10 +834,9 @@ class QAdamW(torch.optim.Optimizer):
             return None
         return kernels if kernels.triton is not None else None
 
-    @staticmethod
-    def _encode(x, bits, signed, group):
+    def _encode(self, x, bits, signed, group):
         if bits >= 16:  # plain tensors: fp32 (the decoded tensor itself, updated in place), or bf16
-            return {"value": x if bits == 32 else x.to(torch.bfloat16)}
+            return {"value": x if bits == 32 else round_stochastic_bf16(x, self._generator(x.device))}
         granularity = group["m_granularity"] if signed else group["v_granularity"]
         if granularity == "row" and x.dim() != 2:
             granularity = "tensor"
@@ -853,6 +909,8 @@ class QAdamW(torch.optim.Optimizer):
             group.update({k: v for k, v in saved.items() if k != "params"})
         for p, i in zip(params, saved_ids):
             self.state[p] = {k: v.to(p.device) for k, v in state_dict["state"][i].items()}
+        for device, rng_state in state_dict.get("rounding", {}).items():  # resume the same random stream
+            self._generator(device).set_state(rng_state)
 
 
 def state_bytes(optimizer):
@@ -892,20 +950,38 @@ def make_optimizer(model, cfg):
 # ----------------------------------------------------------------------------------------------
 # Data: uint16 token files made by prepare_data.py.
 
-def load_data(cfg):
-    """Memmap train.bin / val.bin of cfg.dataset; one clear error if they are missing or stale."""
-    folder = os.path.join(cfg.data_dir, cfg.dataset)
-    hint = (f"run `python prepare_data.py{' --tokenizer char' if cfg.dataset.endswith('_char') else ''}` "
-            f"to make it")
-    meta_path = os.path.join(folder, "meta.json")
+def _data_hint(cfg):
+    return f"run `python prepare_data.py{' --tokenizer char' if cfg.dataset.endswith('_char') else ''}` to make it"
+
+
+def read_meta(cfg):
+    """cfg.dataset's meta.json (tokenizer, vocabulary), without touching the token files."""
+    meta_path = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")
     if not os.path.isfile(meta_path):
-        raise UserError(f"dataset '{cfg.dataset}' not found (no {meta_path}): {hint}")
+        raise UserError(f"dataset '{cfg.dataset}' not found (no {meta_path}): {_data_hint(cfg)}")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        vocab_size = int(meta["vocab_size"])
+        int(meta["vocab_size"])
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is unreadable or stale ({e}): {hint} again")
+        raise UserError(f"{meta_path} is unreadable or stale ({e}): {_data_hint(cfg)} again")
+    return meta
+
+
+def check_prompt(prompt, meta):
+    """A character vocabulary has no unknown token: refuse a prompt it cannot encode."""
+    unknown = sorted({c for c in prompt if c not in meta.get("itos", c)}) if meta["tokenizer"] == "char" else []
+    if unknown:
+        raise UserError(f"--prompt holds characters that are not in the training text's vocabulary: "
+                        f"{''.join(unknown)!r}")
+
+
+def load_data(cfg):
+    """Memmap train.bin / val.bin of cfg.dataset; one clear error if they are missing or stale."""
+    folder = os.path.join(cfg.data_dir, cfg.dataset)
+    hint = _data_hint(cfg)
+    meta = read_meta(cfg)
+    vocab_size = int(meta["vocab_size"])
     data = {}
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
@@ -984,8 +1060,11 @@ def evaluate(model, data, cfg, device):
     out = {}
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        losses = [model(*get_batch(data[split], cfg.batch_size, cfg.block_size, gen, device))[1].item()
-                  for _ in range(cfg.eval_iters)]
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(data[split], cfg.batch_size, cfg.block_size, gen, device)
+            with autocast_context(device):  # the precision training runs in
+                losses.append(model(x, y)[1].item())
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
@@ -1197,6 +1276,7 @@ def sample(cfg, model=None, meta=None):
         model = build_model(dataclasses.replace(saved, device=cfg.device), meta["vocab_size"], device)
         model.load_state_dict(ckpt["model"])
     from prepare_data import load_codec
+    check_prompt(cfg.prompt, meta)
     encode, decode = load_codec(meta)
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -1219,10 +1299,12 @@ def main(argv=None):
             sample(cfg)
         elif cfg.mode == "memory":  # no data needed: the dataset's vocabulary if it exists, else GPT-2's
             meta_path = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")
-            vocab_size = load_data(cfg)[1]["vocab_size"] if os.path.isfile(meta_path) else 50257
+            vocab_size = int(read_meta(cfg)["vocab_size"]) if os.path.isfile(meta_path) else 50257
             model = build_model(cfg, vocab_size, torch.device("cpu"))
             print(memory_table(model, make_optimizer(model, cfg)))
         else:
+            if cfg.max_new_tokens > 0:  # the sample after training: check its prompt before any work
+                check_prompt(cfg.prompt, read_meta(cfg))
             history = train(cfg)
             if history["diverged_at"] is not None:
                 return 1

@@ -370,6 +370,11 @@ SMALL_MATMUL = 2 ** 28  # M * N * K below this: one fixed config (autotuning wou
 SMALL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_stages=3, num_warps=4)
 
 
+# On a GPU, no multiply-add contracted into an fma behind our back: the epilogues and the AdamW
+# update then round exactly as their PyTorch references (explicit tl.fma calls stay fused).
+EXACT = dict(enable_fp_fusion=False)
+
+
 def _prune(configs, named_args, **kwargs):
     """Skip tiles much larger than the problem (they only pad)."""
     M, N = named_args["M"], named_args["N"]
@@ -500,17 +505,18 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_
             sms = torch.cuda.get_device_properties(a.device).multi_processor_count
             if M * N * K < SMALL_MATMUL:
                 int8_matmul_tma_kernel[(min(sms, tiles(SMALL_CONFIG)),)](
-                    *tma_args, NUM_SMS=sms, DEQUANT=dequant, HAS_BIAS=bias is not None, **SMALL_CONFIG)
+                    *tma_args, NUM_SMS=sms, DEQUANT=dequant, HAS_BIAS=bias is not None, **SMALL_CONFIG, **EXACT)
             else:
                 _tuned("tma")[lambda meta: (min(sms, tiles(meta)),)](*tma_args, NUM_SMS=sms, DEQUANT=dequant,
-                                                                     HAS_BIAS=bias is not None)
+                                                                     HAS_BIAS=bias is not None, **EXACT)
         else:  # interpreter: fixed blocks, two "SMs"
             int8_matmul_tma_kernel[(2,)](*tma_args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, GROUP_M=4, NUM_SMS=2,
                                          DEQUANT=dequant, HAS_BIAS=bias is not None)
     elif a.is_cuda and M * N * K < SMALL_MATMUL:
-        int8_matmul_kernel[(tiles(SMALL_CONFIG),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None, **SMALL_CONFIG)
+        int8_matmul_kernel[(tiles(SMALL_CONFIG),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None, **SMALL_CONFIG,
+                                                   **EXACT)
     elif a.is_cuda:
-        _tuned("pointer")[lambda meta: (tiles(meta),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None)
+        _tuned("pointer")[lambda meta: (tiles(meta),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None, **EXACT)
     else:  # interpreter: small fixed blocks (autotune needs a driver)
         grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
         int8_matmul_kernel[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, GROUP_M=4, DEQUANT=dequant,
@@ -534,7 +540,7 @@ def adamw_lowbit_step(p, grad, m_state, v_state, m_bits, v_bits, v_map, block_si
         p, grad, m_state["codes"], m_state["scale"], v_state["codes"], v_state["scale"], n, n_blocks,
         1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, -lr / (1 - beta1 ** step),
         math.sqrt(1 - beta2 ** step), eps, M_BITS=m_bits, V_BITS=v_bits, V_MAP=V_MAPS[v_map],
-        SMALL_W1=abs(w1) < 0.5, BLOCK=block_size, ROWS=rows)
+        SMALL_W1=abs(w1) < 0.5, BLOCK=block_size, ROWS=rows, **(EXACT if p.is_cuda else {}))
     torch.autograd.graph.increment_version(p)  # p changed behind autograd's back: say so (weight caches)
 
 

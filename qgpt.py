@@ -373,11 +373,14 @@ class SimBackend:
     def int8_matmul(a_codes, a_scale, b_codes, b_scale, bias=None, out_dtype=torch.float32):
         """(A @ B) * a_scale[:, None] * b_scale[None, :] + bias for A (M, K), B (K, N) int8 codes.
 
-        Float matmul of the dequantized codes: the fake-quant math (exact integer products,
-        summed in fp32; kernels.py sums in int32, so they differ only by fp32 rounding).
+        The integer sums are exact, as in an int32 accumulator: fp32 holds every sum of up to 1024
+        products of int8 codes (|sum| <= 2^24), float64 longer ones. Then the kernel's epilogue, in
+        fp32: sum * a_scale * b_scale + bias. So kernels.py's int8 matmul gives the same bits.
         """
+        exact = torch.float32 if a_codes.shape[1] <= 1024 or a_codes.device.type == "mps" else torch.float64
         with torch.autocast(a_codes.device.type, enabled=False):  # fp32, also inside a bf16 autocast
-            out = (a_codes.float() * a_scale.view(-1, 1)) @ (b_codes.float() * b_scale.view(1, -1))
+            acc = (a_codes.to(exact) @ b_codes.to(exact)).float()
+            out = acc * a_scale.view(-1, 1).float() * b_scale.view(1, -1).float()
             return (out if bias is None else out + bias.float()).to(out_dtype)
 
 

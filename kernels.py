@@ -89,8 +89,8 @@ if triton is not None:
     def _round_half_even(t):
         """torch.round's rounding (ties to even), from floor: libdevice.rint is not interpreted."""
         r = tl.floor(t + 0.5)
-        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-        return tl.where(((r - t) == 0.5) & odd, r - 1.0, r)
+        r_is_odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        return tl.where(((r - t) == 0.5) & r_is_odd, r - 1.0, r)
 
     @triton.jit
     def _codes(x, scale, qmax):
@@ -199,11 +199,12 @@ if triton is not None:
         # Grouped tile order: GROUP_M row-tiles share their B columns while they sit in L2.
         pid = tl.program_id(0)
         num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group_id = pid // (GROUP_M * num_pid_n)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
         first_m = group_id * GROUP_M
         group_rows = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_rows
-        pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+        pid_m = first_m + (pid % num_pid_in_group) % group_rows
+        pid_n = (pid % num_pid_in_group) // group_rows
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -549,16 +550,24 @@ def adamw_lowbit_step(p, grad, m_state, v_state, m_bits, v_bits, v_map, block_si
 
 @torch.library.custom_op("qgpt::quantize_rows", mutates_args=())
 def quantize_rows_op(x: torch.Tensor, bits: int, absmax_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row codes of any 2-D view, returned contiguous: a transposed view is walked down its columns."""
-    if x.stride(0) == 1 and x.shape[1] > 1:  # a transposed view (e.g. G^T for dW): the column kernel
-        codes, scale = quantize_columns(x.t(), bits, absmax_floor)
-        return codes.t(), scale.t()  # the column kernel stores X^T's rows contiguous
     return quantize_rows(x, bits, absmax_floor)
 
 
 @quantize_rows_op.register_fake
 def _(x, bits, absmax_floor):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("qgpt::quantize_columns", mutates_args=())
+def quantize_columns_op(x: torch.Tensor, bits: int, absmax_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of x^T: codes (K, M) contiguous, scales (K, 1)."""
+    codes, scale = quantize_columns(x, bits, absmax_floor)
+    return codes.t(), scale.t()
+
+
+@quantize_columns_op.register_fake
+def _(x, bits, absmax_floor):
+    return x.new_empty((x.shape[1], x.shape[0]), dtype=torch.int8), x.new_empty((x.shape[1], 1), dtype=torch.float32)
 
 
 @torch.library.custom_op("qgpt::int8_matmul", mutates_args=())
@@ -606,10 +615,16 @@ class TritonBackend:
         return quantize_rows_op(x, bits, absmax_floor)
 
     @staticmethod
+    def quantize_columns(x, bits, absmax_floor):
+        if TritonBackend.inductor_quantize and torch.compiler.is_compiling():
+            return TritonBackend.quantize_rows(x.t(), bits, absmax_floor)
+        return quantize_columns_op(x, bits, absmax_floor)
+
+    @staticmethod
     def quantize_both(x, bits, absmax_floor):
         if TritonBackend.inductor_quantize and torch.compiler.is_compiling():
-            return TritonBackend.quantize_rows(x, bits, absmax_floor), TritonBackend.quantize_rows(x.t(), bits,
-                                                                                                 absmax_floor)
+            return TritonBackend.quantize_rows(x, bits, absmax_floor), TritonBackend.quantize_columns(x, bits,
+                                                                                                    absmax_floor)
         codes, scale, t_codes, t_scale = quantize_both_op(x, bits, absmax_floor)
         return (codes, scale), (t_codes, t_scale)
 

@@ -25,7 +25,7 @@ import numpy as np
 
 
 class UserError(Exception):
-    pass
+    """A mistake in the command line or the inputs: main() (here and in qgpt.py) prints it as one line, exits 2."""
 
 
 def gpt2_encoding():
@@ -54,6 +54,51 @@ def load_codec(meta):
         return (lambda s: [stoi[c] for c in s if c in stoi]), (lambda ids: "".join(meta["itos"][i] for i in ids))
     enc = gpt2_encoding()
     return enc.encode_ordinary, enc.decode
+
+
+# Reading a dataset back (qgpt.py trains on it): cfg needs data_dir, dataset and block_size.
+
+def _data_hint(cfg):
+    return f"run `python prepare_data.py{' --tokenizer char' if cfg.dataset.endswith('_char') else ''}` to make it"
+
+
+def read_meta(cfg):
+    """cfg.dataset's meta.json (tokenizer, vocabulary), without touching the token files."""
+    meta_path = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise UserError(f"dataset '{cfg.dataset}' not found (no {meta_path}): {_data_hint(cfg)}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        int(meta["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is unreadable or stale ({e}): {_data_hint(cfg)} again")
+    return meta
+
+
+def check_prompt(prompt, meta):
+    """A character vocabulary has no unknown token: refuse a prompt it cannot encode."""
+    unknown = sorted({c for c in prompt if c not in meta.get("itos", c)}) if meta["tokenizer"] == "char" else []
+    if unknown:
+        raise UserError(f"--prompt holds characters that are not in the training text's vocabulary: "
+                        f"{''.join(unknown)!r}")
+
+
+def load_data(cfg):
+    """Memmap train.bin / val.bin of cfg.dataset; one clear error if they are missing or stale."""
+    folder = os.path.join(cfg.data_dir, cfg.dataset)
+    hint = _data_hint(cfg)
+    meta = read_meta(cfg)
+    vocab_size = int(meta["vocab_size"])
+    data = {}
+    for split in ("train", "val"):
+        path = os.path.join(folder, f"{split}.bin")
+        if not os.path.isfile(path) or os.path.getsize(path) < 2 * (cfg.block_size + 1):
+            raise UserError(f"{path} is missing or shorter than one block of {cfg.block_size + 1} tokens: {hint}")
+        data[split] = np.memmap(path, dtype=np.uint16, mode="r")
+        if split == "train" and int(data[split].max()) >= vocab_size:
+            raise UserError(f"{path} holds token ids >= vocab_size {vocab_size} of meta.json: {hint} again")
+    return data, meta
 
 
 def play_to_text(markdown):

@@ -16,7 +16,7 @@ Run it:
     python -m pytest test_qgpt.py                  # the tests (CPU only)
 
 Course seams: the functions under a `# SEAM: <name>` comment are the ones a course blanks out;
-`python course.py blank <name> --out course/` does it, `pytest test_qgpt.py -k <name>` grades it.
+`python -m tools.course blank <name> --out course/` does it, `pytest test_qgpt.py -k <name>` grades it.
 
 How it works:
  1. `quantize` maps a float tensor to integer codes with one scale per tensor, row, column or
@@ -34,13 +34,13 @@ How it works:
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from collections import namedtuple
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,9 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs: main() prints it as one line and exits 2."""
+from prepare_data import UserError, check_prompt, load_codec, load_data, read_meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,11 +228,11 @@ def validate_config(cfg):
     for name in ["m_bits", "v_bits"]:
         if getattr(cfg, name) not in (4, 8, 16, 32):
             raise UserError(f"--{name} {getattr(cfg, name)} is not supported: use 4, 8, 16 or 32")
-    odd = [f"--{k} {getattr(cfg, k)}" for k in ("w_granularity", "a_granularity", "g_granularity")
+    non_row = [f"--{k} {getattr(cfg, k)}" for k in ("w_granularity", "a_granularity", "g_granularity")
            if canonical_granularity(getattr(cfg, k)) != "row"]
-    if cfg.recipe == "int8" and (odd or cfg.a_asymmetric):
+    if cfg.recipe == "int8" and (non_row or cfg.a_asymmetric):
         raise UserError(f"the int8 recipe fixes every scale to rows of the matmul operands; "
-                        f"{', '.join(odd) or '--a_asymmetric'} needs --recipe paper")
+                        f"{', '.join(non_row) or '--a_asymmetric'} needs --recipe paper")
     if cfg.backend == "triton" and cfg.recipe != "int8":
         raise UserError("--backend triton runs the int8 recipe only: add --recipe int8 (or --preset int8)")
 
@@ -242,8 +240,12 @@ def validate_config(cfg):
 # ----------------------------------------------------------------------------------------------
 # Quantization primitives: linear, absmax-scaled, dynamic (the paper's Section 3). Pure functions.
 
+ACT_FLOOR = 1e-5  # floor of max|x| for weights and activations
+GRAD_FLOOR = 1e-9  # gradients are tiny: a 1e-5 floor on their absmax would zero whole rows
+
+
 # SEAM: quantizer
-def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=1e-5):
+def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=ACT_FLOOR):
     """Linear quantization of `x` to `bits`-bit signed integer codes (2 <= bits <= 8).
 
     Granularity: which elements share one scale. "tensor": all; "row" (aliases "channel" for a
@@ -323,7 +325,7 @@ class FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     # SEAM: straight_through
-    def forward(ctx, x, bits, granularity, symmetric=True, group_size=None, absmax_floor=1e-5):
+    def forward(ctx, x, bits, granularity, symmetric=True, group_size=None, absmax_floor=ACT_FLOOR):
         return dequantize(*quantize(x, bits, granularity, symmetric, group_size, absmax_floor)).to(x.dtype)
 
     @staticmethod
@@ -332,30 +334,23 @@ class FakeQuantize(torch.autograd.Function):
         return grad_output, None, None, None, None, None
 
 
-def fake_quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=1e-5):
+def fake_quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=ACT_FLOOR):
     """Straight-through fake quantization; bits >= 16 returns x unchanged."""
     if bits >= 16:
         return x
     return FakeQuantize.apply(x, bits, granularity, symmetric, group_size, absmax_floor)
 
 
-def quantization_stats(x, bits, granularity="row", symmetric=True, group_size=None, absmax_floor=1e-5):
-    """Diagnostics of one quantization: relative error, saturation, and nonzeros rounded to 0."""
-    codes, scale, zero_point = quantize(x, bits, granularity, symmetric, group_size, absmax_floor)
-    x = x.float()
-    x_hat = dequantize(codes, scale, zero_point)
-    qmax = 2 ** (bits - 1) - 1
-    nonzero = x != 0
-    return {"rel_err": ((x - x_hat).norm() / x.norm().clamp(min=1e-30)).item(),
-            "saturated": (codes.abs() >= qmax).float().mean().item(),
-            "zeroed": ((x_hat == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1)}
-
-
 # ----------------------------------------------------------------------------------------------
 # The quantized Linear: three matmuls, each operand quantized by a recipe.
 
+LINEAR_KEYS = ["recipe", "wbits", "abits", "gbits", "w_granularity", "a_granularity", "g_granularity", "group_size",
+               "a_asymmetric", "g_matmuls", "quantize_head"]
+LinearRecipe = namedtuple("LinearRecipe", LINEAR_KEYS)  # all a quantized Linear needs of the Config
+
+
 class SimBackend:
-    """Plain PyTorch: the reference the Triton backend (kernels.py) must match, same signatures."""
+    """The int8 recipe's operations in plain PyTorch: the reference kernels.TritonBackend matches."""
     name = "sim"
 
     @staticmethod
@@ -365,9 +360,14 @@ class SimBackend:
         return codes, scale
 
     @staticmethod
+    def quantize_columns(x, bits, absmax_floor):
+        """(M, K) float -> the rows of x^T: int8 codes (K, M), fp32 scale (K, 1): one scale per column."""
+        return SimBackend.quantize_rows(x.t(), bits, absmax_floor)
+
+    @staticmethod
     def quantize_both(x, bits, absmax_floor):
-        """Both row quantizations a Linear needs of one (M, K) tensor: of x and of x^T (K, M)."""
-        return SimBackend.quantize_rows(x, bits, absmax_floor), SimBackend.quantize_rows(x.t(), bits, absmax_floor)
+        """Both quantizations a Linear needs of one tensor: (quantize_rows(x), quantize_columns(x))."""
+        return SimBackend.quantize_rows(x, bits, absmax_floor), SimBackend.quantize_columns(x, bits, absmax_floor)
 
     @staticmethod
     def int8_matmul(a_codes, a_scale, b_codes, b_scale, bias=None, out_dtype=torch.float32):
@@ -384,20 +384,21 @@ class SimBackend:
             return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
-GRAD_FLOOR = 1e-9  # gradients are tiny: a 1e-5 floor on their absmax would zero whole rows
+def matmul_rows(a, b, backend, bias=None, out_dtype=torch.float32):
+    """a @ b^T for a (M, K) and b (N, K), each a float tensor or a pair (int8 codes, one scale per row).
 
-
-def _matmul_abt(a, b, backend, bias=None, out_dtype=torch.float32):
-    """a @ b^T, where a (M, K) and b (N, K) are each a float tensor or a (codes, row scales) pair.
-
-    Two quantized operands run through the backend's int8 matmul; one quantized operand is
-    dequantized and multiplied in float.
+    Two quantized operands go through the backend's int8 matmul; one is dequantized first.
     """
     if isinstance(a, tuple) and isinstance(b, tuple):
         return backend.int8_matmul(a[0], a[1], b[0].t(), b[1], bias, out_dtype)
     a = dequantize(*a) if isinstance(a, tuple) else a
     b = dequantize(*b) if isinstance(b, tuple) else b
     return F.linear(a.to(out_dtype), b.to(out_dtype), None if bias is None else bias.to(out_dtype))
+
+
+def grad_quantized(r, matmul):
+    """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes the quantized gradient."""
+    return r.gbits < 16 and r.g_matmuls in (matmul, "both")
 
 
 class QuantizedLinearFunction(torch.autograd.Function):
@@ -415,85 +416,66 @@ class QuantizedLinearFunction(torch.autograd.Function):
                dW = G^T X : G per column (out chan, N),  X per column (input feature, K); sums over M
       So W and G are quantized again along other axes in the backward: a per-output-channel scale of
       W would sit inside the sum over N of dX = G W and could not be taken out of an int32 sum.
-      Saved for the backward: W (a parameter, no copy) and, when dW is quantized, X's per-column
-      int8 codes and scales instead of X itself (1 byte per element instead of 2 or 4).
+      W's two quantizations come from QLinear (once per optimizer step). Saved for the backward: W
+      (a parameter, no copy) and, when dW is quantized, X's per-column int8 codes and scales instead
+      of X itself (1 byte per element instead of 2 or 4).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, cfg, backend, stats, w_codes=None):
+    def forward(ctx, x, weight, bias, r, backend, w_codes):
         out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        ctx.cfg, ctx.backend, ctx.stats, ctx.has_bias = cfg, backend, stats, bias is not None
+        ctx.r, ctx.backend, ctx.has_bias = r, backend, bias is not None
         ctx.out_dtype, ctx.x_dtype, ctx.w_dtype = out_dtype, x.dtype, weight.dtype
-        if stats is not None:
-            _record_stats(stats, "W", weight, cfg.wbits, cfg.w_granularity, cfg)
-            _record_stats(stats, "X", x, cfg.abits, cfg.a_granularity, cfg)
-        if cfg.recipe == "paper":
-            x_hat = fake_quantize(x, cfg.abits, cfg.a_granularity, not cfg.a_asymmetric, cfg.group_size)
-            w_hat = fake_quantize(weight, cfg.wbits, cfg.w_granularity, True, cfg.group_size)
+        if r.recipe == "paper":
+            x_hat = fake_quantize(x, r.abits, r.a_granularity, not r.a_asymmetric, r.group_size)
+            w_hat = fake_quantize(weight, r.wbits, r.w_granularity, True, r.group_size)
             ctx.save_for_backward(x, weight)
             return F.linear(x_hat.to(out_dtype), w_hat.to(out_dtype), None if bias is None else bias.to(out_dtype))
-        wq, (wt_codes, wt_scale) = w_codes if w_codes is not None else (weight, (None, None))  # W, W^T codes
-        if _g_quantized(cfg, "wgrad") and cfg.abits < 16:  # keep X^T's int8 codes for dW, not X
-            xq, (xt_codes, xt_scale) = backend.quantize_both(x, cfg.abits, 1e-5)  # X (M, K), X^T (K, M)
+        w_rows, (wt_codes, wt_scale) = w_codes if w_codes is not None else (weight, (None, None))
+        if grad_quantized(r, "wgrad") and r.abits < 16:  # keep X^T's int8 codes for dW, not X
+            x_rows, (xt_codes, xt_scale) = backend.quantize_both(x, r.abits, ACT_FLOOR)  # X (M, K), X^T (K, M)
             x = None
         else:
-            xq = backend.quantize_rows(x, cfg.abits, 1e-5) if cfg.abits < 16 else x  # (M, K) -> int8, (M, 1)
+            x_rows = backend.quantize_rows(x, r.abits, ACT_FLOOR) if r.abits < 16 else x  # (M, K) -> int8, (M, 1)
             xt_codes = xt_scale = None
         ctx.save_for_backward(weight, x, xt_codes, xt_scale, wt_codes, wt_scale)  # unused ones are None
-        return _matmul_abt(xq, wq, backend, bias, out_dtype)
+        return matmul_rows(x_rows, w_rows, backend, bias, out_dtype)
 
     @staticmethod
     # SEAM: linear_backward
     def backward(ctx, grad_out):
-        cfg, backend = ctx.cfg, ctx.backend
+        r, backend = ctx.r, ctx.backend
         g = grad_out.contiguous()  # G (M, N)
-        if ctx.stats is not None and cfg.gbits < 16:
-            _record_stats(ctx.stats, "G", g, cfg.gbits, cfg.g_granularity, cfg, GRAD_FLOOR)
         grad_bias = g.sum(0).to(ctx.w_dtype) if ctx.has_bias else None  # bias gradient: full precision
-        if cfg.recipe == "paper":
+        dgrad, wgrad = grad_quantized(r, "dgrad"), grad_quantized(r, "wgrad")
+        if r.recipe == "paper":
             x, weight = ctx.saved_tensors
-            g_hat = fake_quantize(g, cfg.gbits, cfg.g_granularity, True, cfg.group_size, GRAD_FLOOR)
-            g_dgrad = g_hat if _g_quantized(cfg, "dgrad") else g
-            g_wgrad = g_hat if _g_quantized(cfg, "wgrad") else g
-            grad_x = g_dgrad.to(ctx.out_dtype) @ weight.to(ctx.out_dtype)  # (M, N) @ (N, K)
-            grad_w = g_wgrad.t().to(ctx.out_dtype) @ x.to(ctx.out_dtype)  # (N, M) @ (M, K)
-            return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None, None
+            g_hat = fake_quantize(g, r.gbits, r.g_granularity, True, r.group_size, GRAD_FLOOR)
+            grad_x = (g_hat if dgrad else g).to(ctx.out_dtype) @ weight.to(ctx.out_dtype)  # (M, N) @ (N, K)
+            grad_w = (g_hat if wgrad else g).t().to(ctx.out_dtype) @ x.to(ctx.out_dtype)  # (N, M) @ (M, K)
+            return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None
         weight, x, xt_codes, xt_scale, wt_codes, wt_scale = ctx.saved_tensors
-        dgrad, wgrad = _g_quantized(cfg, "dgrad"), _g_quantized(cfg, "wgrad")
         if dgrad and wgrad:  # G (M, N) and G^T (N, M) codes, from two passes over G
-            gq, gtq = backend.quantize_both(g, cfg.gbits, GRAD_FLOOR)
+            g_rows, gt_rows = backend.quantize_both(g, r.gbits, GRAD_FLOOR)
         else:
-            gq = backend.quantize_rows(g, cfg.gbits, GRAD_FLOOR) if dgrad else g
-            gtq = backend.quantize_rows(g.t(), cfg.gbits, GRAD_FLOOR) if wgrad else g.t()
+            g_rows = backend.quantize_rows(g, r.gbits, GRAD_FLOOR) if dgrad else g
+            gt_rows = backend.quantize_columns(g, r.gbits, GRAD_FLOOR) if wgrad else g.t()
         # dX = G W: G per token (M), W per input feature (rows of W^T, K); sums over N
-        grad_x = _matmul_abt(gq, (wt_codes, wt_scale) if wt_codes is not None else weight.t(), backend, None,
-                             ctx.out_dtype)
+        w_t = (wt_codes, wt_scale) if wt_codes is not None else weight.t()
+        grad_x = matmul_rows(g_rows, w_t, backend, None, ctx.out_dtype)
         # dW = G^T X: G per output channel (rows of G^T, N), X per input feature (rows of X^T, K); sums over M
-        grad_w = _matmul_abt(gtq, (xt_codes, xt_scale) if xt_codes is not None else x.t(), backend, None,
-                             ctx.out_dtype)
-        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None, None
-
-
-def _g_quantized(cfg, matmul):
-    """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes the quantized gradient."""
-    return cfg.gbits < 16 and cfg.g_matmuls in (matmul, "both")
-
-
-def _record_stats(stats, operand, x, bits, granularity, cfg, floor=1e-5):
-    if bits < 16:
-        if cfg.recipe == "int8":
-            granularity = "row"
-        stats[operand] = quantization_stats(x.detach(), bits, granularity, True, cfg.group_size, floor)
+        x_t = (xt_codes, xt_scale) if xt_codes is not None else x.t()
+        grad_w = matmul_rows(gt_rows, x_t, backend, None, ctx.out_dtype)
+        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None
 
 
 class QLinear(nn.Linear):
     """nn.Linear whose matmuls go through QuantizedLinearFunction. Shares its parameters."""
     cache_weight_codes = True
 
-    def __init__(self, in_features, out_features, bias, cfg, backend):
+    def __init__(self, in_features, out_features, bias, recipe, backend):
         super().__init__(in_features, out_features, bias=bias, device="meta")
-        self.cfg, self.backend = cfg, backend
-        self.stats = None  # set to {} to record diagnostics on the next forward/backward
+        self.recipe, self.backend = recipe, backend
         self.weight_cache = None  # ((version, address), W codes, W^T codes)
 
     def weight_codes(self):
@@ -503,20 +485,19 @@ class QLinear(nn.Linear):
         (bumped by every in-place op: the optimizer, load_state_dict) or its storage changes: one
         quantization per step, not two per micro-step. Edits through `.data` bypass the counter.
         """
-        if self.cfg.recipe != "int8" or self.cfg.wbits >= 16:
+        if self.recipe.recipe != "int8" or self.recipe.wbits >= 16:
             return None
         w = self.weight.detach()
         if torch.compiler.is_compiling() or not self.cache_weight_codes:  # no Python-side state when compiled
-            return self.backend.quantize_both(w, self.cfg.wbits, 1e-5)
+            return self.backend.quantize_both(w, self.recipe.wbits, ACT_FLOOR)
         key = (self.weight._version, w.data_ptr(), w.device)
         if self.weight_cache is None or self.weight_cache[0] != key:
-            self.weight_cache = (key, *self.backend.quantize_both(w, self.cfg.wbits, 1e-5))
+            self.weight_cache = (key, *self.backend.quantize_both(w, self.recipe.wbits, ACT_FLOOR))
         return self.weight_cache[1:]
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (B*T, C)
-        y = QuantizedLinearFunction.apply(x2, self.weight, self.bias, self.cfg, self.backend, self.stats,
-                                          self.weight_codes())
+        y = QuantizedLinearFunction.apply(x2, self.weight, self.bias, self.recipe, self.backend, self.weight_codes())
         return y.view(*x.shape[:-1], -1)
 
 
@@ -526,12 +507,13 @@ def quantize_model(model, cfg, backend=SimBackend):
     The QLinear takes over the same Parameter objects, so the tied wte/lm_head weight stays tied
     and the optimizer and checkpoints see the same parameters. Returns the names swapped.
     """
+    recipe = LinearRecipe(*(getattr(cfg, k) for k in LINEAR_KEYS))
     swapped = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or (child_name == "lm_head" and not cfg.quantize_head):
                 continue
-            q = QLinear(child.in_features, child.out_features, child.bias is not None, cfg, backend)
+            q = QLinear(child.in_features, child.out_features, child.bias is not None, recipe, backend)
             q.weight, q.bias = child.weight, child.bias
             setattr(parent, child_name, q)
             swapped.append(f"{parent_name}.{child_name}".lstrip("."))
@@ -542,41 +524,79 @@ def select_backend(cfg, device):
     """The int8 recipe's backend: Triton kernels on a CUDA GPU that has int8 tensor cores."""
     if cfg.recipe != "int8" or cfg.backend == "sim":
         return SimBackend
-    reason = None
-    if device.type != "cuda":
-        reason = "no CUDA device"
-    elif torch.cuda.get_device_capability(device) < (8, 0):
-        reason = "GPU older than sm80 (no int8 tl.dot)"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        reason = "no CUDA device" if device.type != "cuda" else "GPU older than sm80 (no int8 tensor cores)"
     else:
-        try:
-            import kernels
-            if kernels.triton is None:
-                reason = "triton is not installed"
-        except ImportError as e:
-            reason = f"kernels.py could not be imported ({e})"
+        reason = None if triton_kernels() else "triton is not installed, or kernels.py does not import"
     if reason is None:
         print("backend: Triton int8 kernels (kernels.py)")
-        return kernels.TritonBackend
+        return triton_kernels().TritonBackend
     if cfg.backend == "triton":
         raise UserError(f"--backend triton needs a CUDA GPU (sm80+) with triton installed: {reason}")
     print(f"backend: simulated int8 in PyTorch ({reason})")
     return SimBackend
 
 
-def _stat_cell(stats, operand, key):
-    return f"{stats[operand][key]:8.4f}" if operand in stats else f"{'-':>8s}"
+# ----------------------------------------------------------------------------------------------
+# Diagnostics: each Linear's operands, seen through hooks (the quantized Linear holds none of this).
+
+@contextmanager
+def operand_hooks(model, record, kind=nn.Linear):
+    """While the block runs, call record(name, module, "X" or "G", tensor) with the input X and the
+    output gradient G of every `kind` module, each as a 2-D (tokens, features) tensor."""
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, kind):
+            handles.append(m.register_forward_pre_hook(
+                lambda m, args, name=name: record(name, m, "X", args[0].detach().reshape(-1, args[0].shape[-1]))))
+            handles.append(m.register_full_backward_hook(
+                lambda m, _, g_out, name=name: record(name, m, "G", g_out[0].detach().reshape(-1, g_out[0].shape[-1]))))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def diagnostics_table(model):
-    """One line per quantized layer: relative error of W, X, G and gradient entries zeroed."""
-    rows = []
-    for name, module in model.named_modules():
-        if isinstance(module, QLinear) and module.stats:
-            cells = [_stat_cell(module.stats, operand, key) for operand, key in
-                     [("W", "rel_err"), ("X", "rel_err"), ("X", "saturated"), ("G", "rel_err"), ("G", "zeroed")]]
-            rows.append(f"{name:28s} " + " ".join(cells))
-    head = f"{'layer':28s} {'W err':>8s} {'X err':>8s} {'X sat':>8s} {'G err':>8s} {'G->0':>8s}"
-    return "\n".join([head] + rows)
+def quantization_stats(x, bits, granularity="row", group_size=None, absmax_floor=ACT_FLOOR):
+    """One quantization's damage: relative error, codes at the extreme level, nonzeros rounded to 0."""
+    codes, scale, _ = quantize(x, bits, granularity, True, group_size, absmax_floor)
+    x = x.float()
+    x_hat = dequantize(codes, scale)
+    nonzero = x != 0
+    return {"rel_err": ((x - x_hat).norm() / x.norm().clamp(min=1e-30)).item(),
+            "saturated": (codes.abs() >= 2 ** (bits - 1) - 1).float().mean().item(),
+            "zeroed": ((x_hat == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1)}
+
+
+@contextmanager
+def diagnose(model):
+    """Measure, on the forward and backward run inside the block, what each QLinear's recipe does to
+    its W, X and G. Yields {layer: {"W" | "X" | "G": quantization_stats}} (the last micro-step's)."""
+    stats = {}
+
+    def record(name, module, operand, t):
+        r = module.recipe
+        scales = {"W": (r.wbits, r.w_granularity, ACT_FLOOR), "X": (r.abits, r.a_granularity, ACT_FLOOR),
+                  "G": (r.gbits, r.g_granularity, GRAD_FLOOR)}
+        for what, tensor in [("W", module.weight.detach()), ("X", t)] if operand == "X" else [("G", t)]:
+            bits, granularity, floor = scales[what]
+            if bits < 16:  # the int8 recipe measures its rows (its other axes err alike)
+                granularity = "row" if r.recipe == "int8" else granularity
+                stats.setdefault(name, {})[what] = quantization_stats(tensor, bits, granularity, r.group_size, floor)
+
+    with operand_hooks(model, record, QLinear):
+        yield stats
+
+
+def diagnostics_table(stats):
+    """One line per quantized layer: relative error of W, X, G, X codes saturated, G entries zeroed."""
+    columns = [("W", "rel_err"), ("X", "rel_err"), ("X", "saturated"), ("G", "rel_err"), ("G", "zeroed")]
+    lines = [f"{'layer':28s} {'W err':>8s} {'X err':>8s} {'X sat':>8s} {'G err':>8s} {'G->0':>8s}"]
+    for name, layer in stats.items():
+        lines.append(f"{name:28s} " + " ".join(f"{layer[op][key]:8.4f}" if op in layer else f"{'-':>8s}"
+                                               for op, key in columns))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,13 +794,27 @@ def decode_state(state, shape, bits, signed, v_map="linear"):
     return x.view(-1)[:math.prod(shape)].view(shape)
 
 
+def triton_kernels():
+    """kernels.py when Triton is installed, else None."""
+    try:
+        import kernels
+    except ImportError:
+        return None
+    return kernels if kernels.triton is not None else None
+
+
 class QAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction) with moments stored in m_bits / v_bits.
 
-    Each step decodes m and v to fp32, does torch.optim.AdamW's arithmetic in the same order,
-    and encodes them again. Only 2-D tensors with at least `min_size` elements are quantized;
-    biases, LayerNorm weights and small tensors keep fp32 moments (a few KB; their statistics
-    differ from the weights' and quantizing them saves nothing).
+    Each step decodes m and v to fp32, does torch.optim.AdamW's arithmetic in the same order, and
+    encodes them again: state[p] = {"step", "m", "v"}, a moment being {"value"} at 32 or 16 bits
+    (bf16, rounded stochastically) or encode_state's {"codes", "scale"} at 8 or 4 bits. Only 2-D
+    tensors with at least `min_size` elements are quantized; biases, LayerNorm weights and small
+    tensors keep fp32 moments (a few KB; their statistics differ from the weights').
+    fused (None: on CUDA) sends fp32 states through torch's fused AdamW and block-wise 8/4-bit
+    states through kernels.py's one-pass kernel; this PyTorch step is the reference of both.
+    Loading a state does not check its format against this optimizer's: the caller does
+    (qgpt's check_resume).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, m_bits=32,
@@ -793,49 +827,37 @@ class QAdamW(torch.optim.Optimizer):
                         v_bits=v_bits, m_granularity=m_granularity, v_granularity=v_granularity,
                         block_size=block_size, v_map=v_map, min_size=min_size)
         super().__init__(params, defaults)
-        self.fused = fused  # fp32 states through torch's fused AdamW kernel; None: on CUDA only
+        self.fused = fused
         self.generators = {}  # bf16 states: the stochastic rounding's random streams, one per device
         for group in self.param_groups:  # states exist from the start, so memory can be measured
             for p in group["params"]:
-                self._init_state(p, group)
+                m_bits, v_bits = self.state_bits(p, group)
+                self.state[p] = {"step": torch.tensor(0.0, device=self._step_device(p, group)),
+                                 "m": self._encode(torch.zeros_like(p, dtype=torch.float32), m_bits, True, group),
+                                 "v": self._encode(torch.zeros_like(p, dtype=torch.float32), v_bits, False, group)}
 
-    def _widths(self, p, group):
+    def state_bits(self, p, group):
+        """(m bits, v bits) of p's moments: 32 for 1-D and small tensors."""
         quantized = p.dim() == 2 and p.numel() >= group["min_size"]
         return (group["m_bits"], group["v_bits"]) if quantized else (32, 32)
 
-    def _init_state(self, p, group):
-        m_bits, v_bits = self._widths(p, group)
-        m, v = torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)
-        step_device = p.device if self._is_fused(p, group) else "cpu"  # torch's fused kernel wants it there
-        self.state[p] = {"step": torch.tensor(0.0, device=step_device),
-                         **{"m_" + k: t for k, t in self._encode(m, m_bits, True, group).items()},
-                         **{"v_" + k: t for k, t in self._encode(v, v_bits, False, group).items()}}
+    def _path(self, p, group):
+        """Who updates p: 'torch' (fused AdamW, fp32 states), 'triton' (block-wise 8/4 bits) or 'loop'."""
+        bits, size = self.state_bits(p, group), group["block_size"]
+        if not (p.is_cuda if self.fused is None else self.fused):
+            return "loop"
+        if bits == (32, 32):
+            return "torch"
+        blockwise = group["m_granularity"] == group["v_granularity"] == "block" and size >= 2 and not size & (size - 1)
+        return "triton" if set(bits) <= {4, 8} and blockwise and p.is_contiguous() and triton_kernels() else "loop"
+
+    def _step_device(self, p, group):
+        return p.device if self._path(p, group) == "torch" else "cpu"  # the fused kernel reads it on the GPU
 
     def _generator(self, device):
         if str(device) not in self.generators:
             self.generators[str(device)] = torch.Generator(device).manual_seed(0)
         return self.generators[str(device)]
-
-    def state_dict(self):
-        return {**super().state_dict(), "rounding": {d: g.get_state() for d, g in self.generators.items()}}
-
-    def _is_fused(self, p, group):
-        fused = p.is_cuda if self.fused is None else self.fused
-        return fused and self._widths(p, group) == (32, 32)
-
-    def _lowbit_kernel(self, p, group):
-        """kernels.py's fused AdamW for 8/4-bit block-wise states, where it applies (else None)."""
-        if not (p.is_cuda if self.fused is None else self.fused) or not p.is_contiguous():
-            return None
-        size = group["block_size"]
-        if set(self._widths(p, group)) - {4, 8} or size < 2 or size & (size - 1) \
-                or {group["m_granularity"], group["v_granularity"]} != {"block"}:
-            return None
-        try:
-            import kernels
-        except ImportError:
-            return None
-        return kernels if kernels.triton is not None else None
 
     def _encode(self, x, bits, signed, group):
         if bits >= 16:  # plain tensors: fp32 (the decoded tensor itself, updated in place), or bf16
@@ -844,13 +866,6 @@ class QAdamW(torch.optim.Optimizer):
         if granularity == "row" and x.dim() != 2:
             granularity = "tensor"
         return encode_state(x, bits, signed, granularity, group["block_size"], group["v_map"])
-
-    @staticmethod
-    def _decode(state, prefix, shape, bits, group):
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if bits >= 16:
-            return sub["value"].float()
-        return decode_state(sub, shape, bits, prefix == "m_", group["v_map"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -861,29 +876,30 @@ class QAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            fused = [p for p in group["params"] if p.grad is not None and self._is_fused(p, group)]
+            params = [p for p in group["params"] if p.grad is not None]
+            fused = [p for p in params if self._path(p, group) == "torch"]
             if fused:  # fp32 states: torch's fused AdamW, one kernel for all of them
                 states = [self.state[p] for p in fused]
                 steps = [state["step"] for state in states]
                 torch._foreach_add_(steps, 1)
-                torch._fused_adamw_(fused, [p.grad for p in fused], [state["m_value"] for state in states],
-                                    [state["v_value"] for state in states], [], steps, lr=lr, beta1=beta1,
+                torch._fused_adamw_(fused, [p.grad for p in fused], [state["m"]["value"] for state in states],
+                                    [state["v"]["value"] for state in states], [], steps, lr=lr, beta1=beta1,
                                     beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
-            for p in group["params"]:
-                if p.grad is None or self._is_fused(p, group):
+            for p in params:
+                path, state, (m_bits, v_bits) = self._path(p, group), self.state[p], self.state_bits(p, group)
+                if path == "torch":
                     continue
-                grad, state = p.grad.float(), self.state[p]
-                m_bits, v_bits = self._widths(p, group)
+                grad = p.grad.float()
                 state["step"] += 1
                 step = state["step"].item()
-                kernels = self._lowbit_kernel(p, group)
-                if kernels is not None:  # one Triton kernel: decode, update, encode, in one pass
-                    kernels.adamw_lowbit_step(p, grad.contiguous(), {"codes": state["m_codes"], "scale": state["m_scale"]},
-                                              {"codes": state["v_codes"], "scale": state["v_scale"]}, m_bits, v_bits,
-                                              group["v_map"], group["block_size"], step, lr, beta1, beta2, eps, wd)
+                if path == "triton":  # decode, update and encode in one pass over memory
+                    triton_kernels().adamw_lowbit_step(p, grad.contiguous(), state["m"], state["v"], m_bits, v_bits,
+                                                       group["v_map"], group["block_size"], step, lr, beta1, beta2,
+                                                       eps, wd)
                     continue
-                m = self._decode(state, "m_", p.shape, m_bits, group)
-                v = self._decode(state, "v_", p.shape, v_bits, group)
+                m, v = [state[k]["value"].float() if bits >= 16 else
+                        decode_state(state[k], p.shape, bits, k == "m", group["v_map"])
+                        for k, bits in (("m", m_bits), ("v", v_bits))]
                 # the arithmetic of torch.optim.AdamW (single-tensor path), operation by operation
                 p.mul_(1 - lr * wd)
                 m.lerp_(grad, 1 - beta1)
@@ -892,38 +908,31 @@ class QAdamW(torch.optim.Optimizer):
                 root = v.sqrt() if min(m_bits, v_bits) >= 16 else sqrt_rn(v)  # fp32/bf16: torch AdamW's own
                 denom = (root / math.sqrt(1 - beta2 ** step)).add_(eps)
                 p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-step_size)
-                state.update({"m_" + k: t for k, t in self._encode(m, m_bits, True, group).items()})
-                state.update({"v_" + k: t for k, t in self._encode(v, v_bits, False, group).items()})
+                state["m"], state["v"] = self._encode(m, m_bits, True, group), self._encode(v, v_bits, False, group)
         return loss
 
+    def state_dict(self):
+        return {**super().state_dict(), "rounding": {d: g.get_state() for d, g in self.generators.items()}}
+
     def load_state_dict(self, state_dict):
-        for saved, group in zip(state_dict["param_groups"], self.param_groups):
-            for key in ("m_bits", "v_bits", "m_granularity", "v_granularity", "block_size", "v_map"):
-                if saved.get(key) != group[key]:
-                    raise UserError(f"the optimizer state was saved with {key}={saved.get(key)} but this run "
-                                    f"uses {key}={group[key]}: use the same --{key} to resume, or start "
-                                    f"from scratch")
-        # torch's loader would cast every state tensor (the uint8 codes too) to the parameter's dtype
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        if len(params) != len(saved_ids):
-            raise UserError(f"the optimizer state holds {len(saved_ids)} tensors but the model has {len(params)}")
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        for p, i in zip(params, saved_ids):
-            self.state[p] = {k: v.to(p.device) for k, v in state_dict["state"][i].items()}
+        """Our own loader: torch's would cast every state tensor (the uint8 codes too) to the parameter's dtype."""
+        sizes = [len(group["params"]) for group in self.param_groups]
+        if [len(group["params"]) for group in state_dict["param_groups"]] != sizes:
+            raise UserError(f"the optimizer state does not fit this model's {sum(sizes)} parameter tensors")
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+            for p, i in zip(group["params"], saved_group["params"]):
+                saved = state_dict["state"][i]
+                self.state[p] = {"step": saved["step"].to(self._step_device(p, group)),
+                                 **{k: {name: t.to(p.device) for name, t in saved[k].items()} for k in ("m", "v")}}
         for device, rng_state in state_dict.get("rounding", {}).items():  # resume the same random stream
             self._generator(device).set_state(rng_state)
 
 
 def state_bytes(optimizer):
     """Bytes held by each Adam moment, summed over the actual state tensors."""
-    totals = {"m": 0, "v": 0}
-    for state in optimizer.state.values():
-        for key, t in state.items():
-            if key[:2] in ("m_", "v_"):
-                totals[key[0]] += t.numel() * t.element_size()
-    return totals
+    return {k: sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state[k].values())
+            for k in ("m", "v")}
 
 
 def memory_table(model, optimizer):
@@ -952,49 +961,6 @@ def make_optimizer(model, cfg):
 
 # ----------------------------------------------------------------------------------------------
 # Data: uint16 token files made by prepare_data.py.
-
-def _data_hint(cfg):
-    return f"run `python prepare_data.py{' --tokenizer char' if cfg.dataset.endswith('_char') else ''}` to make it"
-
-
-def read_meta(cfg):
-    """cfg.dataset's meta.json (tokenizer, vocabulary), without touching the token files."""
-    meta_path = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise UserError(f"dataset '{cfg.dataset}' not found (no {meta_path}): {_data_hint(cfg)}")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        int(meta["vocab_size"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is unreadable or stale ({e}): {_data_hint(cfg)} again")
-    return meta
-
-
-def check_prompt(prompt, meta):
-    """A character vocabulary has no unknown token: refuse a prompt it cannot encode."""
-    unknown = sorted({c for c in prompt if c not in meta.get("itos", c)}) if meta["tokenizer"] == "char" else []
-    if unknown:
-        raise UserError(f"--prompt holds characters that are not in the training text's vocabulary: "
-                        f"{''.join(unknown)!r}")
-
-
-def load_data(cfg):
-    """Memmap train.bin / val.bin of cfg.dataset; one clear error if they are missing or stale."""
-    folder = os.path.join(cfg.data_dir, cfg.dataset)
-    hint = _data_hint(cfg)
-    meta = read_meta(cfg)
-    vocab_size = int(meta["vocab_size"])
-    data = {}
-    for split in ("train", "val"):
-        path = os.path.join(folder, f"{split}.bin")
-        if not os.path.isfile(path) or os.path.getsize(path) < 2 * (cfg.block_size + 1):
-            raise UserError(f"{path} is missing or shorter than one block of {cfg.block_size + 1} tokens: {hint}")
-        data[split] = np.memmap(path, dtype=np.uint16, mode="r")
-        if split == "train" and int(data[split].max()) >= vocab_size:
-            raise UserError(f"{path} holds token ids >= vocab_size {vocab_size} of meta.json: {hint} again")
-    return data, meta
-
 
 def get_batch(data, batch_size, block_size, generator, device):
     """(B, T) inputs and next-token targets from random offsets drawn with `generator`."""
@@ -1096,8 +1062,6 @@ def load_checkpoint(path):
 
 
 SHAPE_KEYS = ["n_layer", "n_head", "n_embd", "block_size", "bias"]
-LINEAR_KEYS = ["recipe", "wbits", "abits", "gbits", "w_granularity", "a_granularity", "g_granularity", "group_size",
-               "a_asymmetric", "g_matmuls", "quantize_head"]
 STATE_KEYS = ["m_bits", "v_bits", "m_granularity", "v_granularity", "state_block_size", "v_map"]
 
 
@@ -1155,13 +1119,13 @@ def _all_reduce(value, world):
 
 
 def train(cfg, stop_at=None):
-    """Train cfg; returns {'losses': [per-step train loss], 'evals': [(step, train, val)], ...}.
+    """Train cfg (validated); returns (model, {'losses': [per-step train loss], 'evals': [(step, train, val)],
+    'skipped': steps skipped, 'diverged_at': step or None, 'tokens_per_s': float}).
 
     stop_at: behave as if interrupted at that step (evaluate, save, return), for tests.
     Under torchrun every process draws every micro-batch from the same generator and computes the
     ones whose index falls to it, so N processes see exactly the global batch of one process.
     """
-    validate_config(cfg)
     rank, world, device = setup_distributed(cfg)
     data, meta = load_data(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -1224,21 +1188,19 @@ def train(cfg, stop_at=None):
             lr = get_lr(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            diagnose = cfg.diag_interval and it % cfg.diag_interval == 0
-            for module in model.modules():
-                if isinstance(module, QLinear):
-                    module.stats = {} if diagnose else None
+            diag_step = cfg.diag_interval and it % cfg.diag_interval == 0
             loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, batch_gen, device)
-                if micro % world != rank:
-                    continue  # another process computes this micro-batch
-                last = micro + world >= cfg.grad_accum  # DDP syncs gradients only on the last one
-                with nullcontext() if last or world == 1 else step_model.no_sync():
-                    with autocast_context(device):
-                        _, loss = step_model(x, y)
-                    (loss * world / cfg.grad_accum).backward()  # DDP averages over the processes
-                loss_sum += loss.item() / cfg.grad_accum
+            with diagnose(model) if diag_step else nullcontext() as stats:
+                for micro in range(cfg.grad_accum):
+                    x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, batch_gen, device)
+                    if micro % world != rank:
+                        continue  # another process computes this micro-batch
+                    last = micro + world >= cfg.grad_accum  # DDP syncs gradients only on the last one
+                    with nullcontext() if last or world == 1 else step_model.no_sync():
+                        with autocast_context(device):
+                            _, loss = step_model(x, y)
+                        (loss * world / cfg.grad_accum).backward()  # DDP averages over the processes
+                    loss_sum += loss.item() / cfg.grad_accum
             loss_sum = _all_reduce(loss_sum, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
                                                        float("inf"))
@@ -1255,8 +1217,8 @@ def train(cfg, stop_at=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             history["losses"].append(loss_sum)
-            if diagnose:
-                print(diagnostics_table(model))
+            if diag_step:
+                print(diagnostics_table(stats))
             if (it + 1) % cfg.log_interval == 0:
                 dt = (time.time() - t0) / cfg.log_interval
                 t0 = time.time()
@@ -1265,8 +1227,7 @@ def train(cfg, stop_at=None):
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     history["tokens_per_s"] = max(1, len(history["losses"])) * tokens_per_step / max(time.time() - t_start, 1e-9)
-    history["model"], history["meta"], history["data"], history["device"] = model, meta, data, device
-    return history
+    return model, history
 
 
 def sample(cfg, model=None, meta=None):
@@ -1278,7 +1239,6 @@ def sample(cfg, model=None, meta=None):
         meta = ckpt["meta"]
         model = build_model(dataclasses.replace(saved, device=cfg.device), meta["vocab_size"], device)
         model.load_state_dict(ckpt["model"])
-    from prepare_data import load_codec
     check_prompt(cfg.prompt, meta)
     encode, decode = load_codec(meta)
     model.eval()
@@ -1308,11 +1268,11 @@ def main(argv=None):
         else:
             if cfg.max_new_tokens > 0:  # the sample after training: check its prompt before any work
                 check_prompt(cfg.prompt, read_meta(cfg))
-            history = train(cfg)
+            model, history = train(cfg)
             if history["diverged_at"] is not None:
                 return 1
             if cfg.max_new_tokens > 0:
-                sample(cfg, history["model"], history["meta"])
+                sample(cfg, model, read_meta(cfg))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

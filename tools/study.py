@@ -1,9 +1,9 @@
 """
-study.py: the paper's study (which of W, A, G and Adam states tolerate 8 or 4 bits) in one command.
+tools/study.py: the paper's study (which of W, A, G and Adam states tolerate 8 or 4 bits) in one command.
 
-    python prepare_data.py --tokenizer char && python study.py           # full grid, CPU, 70 minutes
-    python study.py --quick                                              # 9 runs, 15 minutes
-    python study.py --scale gpu                                          # BPE data, larger model, GPU
+    python prepare_data.py --tokenizer char && python -m tools.study           # full grid, CPU, 70 minutes
+    python -m tools.study --quick                                              # 9 runs, 15 minutes
+    python -m tools.study --scale gpu                                          # BPE data, larger model, GPU
 
 Each run trains qgpt.py's default character-level model (or a larger BPE one with --scale gpu)
 with one quantization preset and seed. Writes to --out (default study_out/):
@@ -25,7 +25,8 @@ import time
 
 import torch
 
-import qgpt
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py too
+import qgpt  # noqa: E402
 
 # (name, group, presets): the paper's configurations, qgpt.PRESETS names joined by commas
 GRID = [
@@ -58,11 +59,12 @@ def run_one(job):
     with open(log_path, "w") as log, contextlib.redirect_stdout(log):
         cfg = dataclasses.replace(qgpt.parse_config(argv), **SCALES[args.scale],
                                   **({"max_iters": args.max_iters} if args.max_iters else {}))
-        history = qgpt.train(cfg)
+        model, history = qgpt.train(cfg)
+        data, device = qgpt.load_data(cfg)[0], next(model.parameters()).device
         sharp = ""
         if name in SHARPNESS and history["diverged_at"] is None:
-            sharp = m_sharpness(history["model"], history["data"], cfg, history["device"])
-        diagnostics = measure_outliers_and_sparsity(history, cfg) if name == "baseline" and seed == args.seeds[0] else None
+            sharp = m_sharpness(model, data, cfg, device)
+        diagnostics = measure_outliers_and_sparsity(model, data, cfg, device) if name == "baseline" and seed == args.seeds[0] else None
     final = history["evals"][-1]
     row = {"name": name, "group": group, "presets": presets, "seed": seed, "steps": final[0],
            "train_loss": round(final[1], 4), "val_loss": round(final[2], 4),
@@ -99,25 +101,17 @@ def m_sharpness(model, data, cfg, device, rho=0.05, batches=8):
     return sum(increases) / len(increases)
 
 
-def measure_outliers_and_sparsity(history, cfg):
+def measure_outliers_and_sparsity(model, data, cfg, device):
     """On the trained baseline: per-layer activation outliers and gradient entries rounded to 0 at 8 bits."""
-    model, data, device = history["model"], history["data"], history["device"]
-    inputs, grads, handles = {}, {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            handles.append(module.register_forward_hook(
-                lambda m, i, o, name=name: inputs.__setitem__(name, i[0].detach().reshape(-1, i[0].shape[-1]))))
-            handles.append(module.register_full_backward_hook(
-                lambda m, gi, go, name=name: grads.__setitem__(name, go[0].detach().reshape(-1, go[0].shape[-1]))))
+    operands = {}  # {layer: {"X": x, "G": g}}, from qgpt's hooks
     x, y = qgpt.get_batch(data["train"], cfg.batch_size, cfg.block_size, torch.Generator().manual_seed(0), device)
-    model(x, y)[1].backward()
+    with qgpt.operand_hooks(model, lambda name, m, operand, t: operands.setdefault(name, {}).__setitem__(operand, t)):
+        model(x, y)[1].backward()
     model.zero_grad(set_to_none=True)
-    for h in handles:
-        h.remove()
     lines = [f"{'layer':28s} {'X absmax/median':>16s} {'a8 err tensor':>14s} {'a8 err token':>13s} "
              f"{'G->0 tensor':>12s} {'G->0 token':>11s}"]
-    for name in inputs:
-        x, g = inputs[name], grads[name]
+    for name, ops in operands.items():
+        x, g = ops["X"], ops["G"]
         col_absmax = x.abs().amax(dim=0)  # per input feature: outlier features stand out here
         ratio = (col_absmax.max() / col_absmax.median()).item()
         stats = {gran: qgpt.quantization_stats(x, 8, gran) for gran in ("tensor", "row")}

@@ -1,9 +1,9 @@
 """
-course.py: qgpt for a course. Blank the seams a student implements; check what each seam's tests cover.
+tools/course.py: qgpt for a course. Blank the seams a student implements; check what each seam's tests cover.
 
-    python course.py blank quantizer adam_state --out course/   # a copy with those bodies blanked
+    python -m tools.course blank quantizer adam_state --out course/   # a copy with those bodies blanked
     cd course && python -m pytest test_qgpt.py -k "quantizer or adam_state"   # grades them
-    python course.py check-seams                                # blank each seam in turn, run the suite
+    python -m tools.course check-seams                                # blank each seam in turn, run the suite
 
 A seam is a function under a `# SEAM: <name>` comment (qgpt.py, kernels.py). Blanking replaces its
 body, not its docstring (the contract), with `raise NotImplementedError`. Every test that grades a
@@ -18,11 +18,18 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 SEAM_FILES = ["qgpt.py", "kernels.py"]
-COURSE_FILES = SEAM_FILES + ["prepare_data.py", "bench.py", "study.py", "course.py", "test_qgpt.py",
-                             "requirements.txt", "README.md"]
+COURSE_FILES = SEAM_FILES + ["prepare_data.py", "test_qgpt.py", "requirements.txt", "README.md", "tools/__init__.py",
+                             "tools/bench.py", "tools/study.py", "tools/course.py"]
+
+
+def copy_project(out):
+    """The course's files into out/, keeping the folder layout."""
+    for name in COURSE_FILES:
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        shutil.copy(os.path.join(HERE, name), os.path.join(out, name))
 
 
 def seam_names():
@@ -70,8 +77,7 @@ def check_seams():
     all_ok = True
     for seam in seam_names():
         with tempfile.TemporaryDirectory() as tmp:
-            for name in COURSE_FILES:
-                shutil.copy(os.path.join(HERE, name), tmp)
+            copy_project(tmp)
             for name in SEAM_FILES:
                 path = os.path.join(tmp, name)
                 with open(path) as f:
@@ -99,9 +105,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "check-seams":
         return check_seams()
-    os.makedirs(args.out, exist_ok=True)
-    for name in COURSE_FILES:
-        shutil.copy(os.path.join(HERE, name), args.out)
+    copy_project(args.out)
     for name in SEAM_FILES:
         path = os.path.join(args.out, name)
         with open(path) as f:

@@ -1,10 +1,10 @@
 """
-bench.py: end-to-end training speed and memory of qgpt, bf16 baseline vs the int8 recipe, one process.
+tools/bench.py: end-to-end training speed and memory of qgpt, bf16 baseline vs the int8 recipe, one process.
 
-    python bench.py --model gpt2 --compile                 # GPU: GPT-2 small, 16 x 1024 tokens per step
-    python bench.py --model gpt2-medium --compile          # GPU: GPT-2 medium, 8 x 1024
-    python bench.py --model gpt2 --dataset shakespeare --steps 300   # real data: compare the losses too
-    python bench.py --model tiny --device cpu --steps 5    # a smoke run anywhere
+    python -m tools.bench --model gpt2 --compile                 # GPU: GPT-2 small, 16 x 1024 tokens per step
+    python -m tools.bench --model gpt2-medium --compile          # GPU: GPT-2 medium, 8 x 1024
+    python -m tools.bench --model gpt2 --dataset shakespeare --steps 300   # real data: compare the losses too
+    python -m tools.bench --model tiny --device cpu --steps 5    # a smoke run anywhere
 
 Every configuration trains the same model from the same initialisation on the same batches (random
 tokens, or --dataset), in this one process, one after the other: the bf16 (autocast) baseline, the
@@ -15,12 +15,14 @@ loss, and each ratio to the baseline, with the GPU, torch and Triton versions an
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 
 import torch
 
-import qgpt
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py too
+import qgpt  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4),

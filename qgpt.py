@@ -198,38 +198,28 @@ def parse_config(argv=None):
     return dataclasses.replace(cfg, **given)
 
 
+RULES = [  # (flags, the test each value must pass, what the error says it must be)
+    (["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_iters", "eval_interval",
+      "log_interval", "state_block_size", "group_size", "num_samples"], lambda v: v > 0, "a positive integer"),
+    (["max_iters", "warmup_iters", "diag_interval", "max_new_tokens", "top_k", "min_lr", "weight_decay",
+      "grad_clip"], lambda v: v >= 0, ">= 0"),
+    (["lr", "temperature"], lambda v: 0 < v < math.inf, "> 0"),
+    (["beta1", "beta2", "dropout"], lambda v: 0 <= v < 1, "in [0, 1)"),
+    (["wbits", "abits", "gbits"], lambda v: 2 <= v <= 8 or v in (16, 32), "in 2..8, or 16/32 for no quantization"),
+    (["m_bits", "v_bits"], lambda v: v in (4, 8, 16, 32), "4, 8, 16 or 32"),
+]
+
+
 def validate_config(cfg):
     """Refuse configurations that cannot run, with one line that says what to change."""
-    for name in ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_iters",
-                 "eval_interval", "log_interval", "state_block_size", "group_size"]:
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    for name in ["max_iters", "warmup_iters", "diag_interval", "max_new_tokens", "top_k"]:
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name, low, high in [("lr", 0, None), ("temperature", 0, None), ("beta1", None, 1), ("beta2", None, 1)]:
-        value = getattr(cfg, name)
-        if not math.isfinite(value) or (low is not None and value <= low) or (high is not None and value >= high) \
-                or (high is not None and value < 0):
-            raise UserError(f"--{name} must be {'> 0' if low is not None else 'in [0, 1)'}, got {value}")
-    for name in ["min_lr", "weight_decay", "grad_clip"]:
-        if not getattr(cfg, name) >= 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.num_samples <= 0:
-        raise UserError(f"--num_samples must be a positive integer, got {cfg.num_samples}")
+    for names, valid, what in RULES:
+        for name in names:
+            if not valid(getattr(cfg, name)):
+                raise UserError(f"--{name} must be {what}, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    for name in ["wbits", "abits", "gbits"]:
-        bits = getattr(cfg, name)
-        if not (2 <= bits <= 8 or bits in (16, 32)):
-            raise UserError(f"--{name} {bits} is not supported: use 2..8, or 16/32 for no quantization")
-    for name in ["m_bits", "v_bits"]:
-        if getattr(cfg, name) not in (4, 8, 16, 32):
-            raise UserError(f"--{name} {getattr(cfg, name)} is not supported: use 4, 8, 16 or 32")
     non_row = [f"--{k} {getattr(cfg, k)}" for k in ("w_granularity", "a_granularity", "g_granularity")
-           if canonical_granularity(getattr(cfg, k)) != "row"]
+               if canonical_granularity(getattr(cfg, k)) != "row"]
     if cfg.recipe == "int8" and (non_row or cfg.a_asymmetric):
         raise UserError(f"the int8 recipe fixes every scale to rows of the matmul operands; "
                         f"{', '.join(non_row) or '--a_asymmetric'} needs --recipe paper")

@@ -538,10 +538,13 @@ def test_checkpoint_resume_matches_uninterrupted(char_data, preset):
     assert resumed["evals"][-1] == full["evals"][-1]
 
 
-def test_paper_recipe_trains(char_data):
-    _, history = qgpt.train(tiny_cfg(char_data, preset="w8a8g8", wbits=8, abits=8, gbits=8, max_iters=40))
+def test_paper_recipe_trains(char_data, capsys):
+    _, history = qgpt.train(tiny_cfg(char_data, preset="w8a8g8", wbits=8, abits=8, gbits=8, max_iters=40,
+                                     diag_interval=20))
     evals = history["evals"]
     assert evals[-1][2] < evals[0][2] - 0.5, f"w8a8g8 val loss must fall: {evals}"
+    out = capsys.readouterr().out
+    assert out.count("G->0") == 2 and out.count("transformer.h.0.mlp.c_fc") == 2, "--diag_interval 20: two tables"
 
 
 def test_sample_from_checkpoint(char_data, capsys):
@@ -574,8 +577,8 @@ def test_sigkill_then_resume_matches(char_data):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--wbits", "9"], "--wbits 9 is not supported"),
-    (["--m_bits", "6"], "--m_bits 6 is not supported"),
+    (["--wbits", "9"], "--wbits must be in 2..8, or 16/32 for no quantization, got 9"),
+    (["--m_bits", "6"], "--m_bits must be 4, 8, 16 or 32, got 6"),
     (["--batch_size", "0"], "--batch_size must be a positive integer"),
     (["--preset", "w3"], "unknown preset 'w3'"),
     (["--dataset", "nowhere"], "prepare_data.py"),

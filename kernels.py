@@ -1,22 +1,29 @@
 """
-kernels.py: Triton int8 kernels for qgpt's quantized Linear, each beside a plain PyTorch reference.
+kernels.py: Triton kernels for qgpt's int8 path, each beside a plain PyTorch reference.
 
-    python kernels.py                  # GPU: correctness check, then the benchmark table
+    python kernels.py                  # GPU: correctness check, then the benchmark tables
                                        # CPU: says so, checks the kernels under Triton's interpreter
-    TRITON_INTERPRET=1 python -m pytest test_qgpt.py -k kernel
+    python -m pytest test_qgpt.py -k "kernel or triton or fused_adam"   # compiled on a GPU, else interpreted
 
 How it works:
  1. `quantize_rows`: one program per row reads the row once, takes its absmax, and writes int8
-    codes and one fp32 scale: exactly qgpt.quantize(x, bits, "row") (same division, same
-    round-half-to-even, clamp before the cast).
- 2. `quantize_columns`: the same along columns, for the backward (dW = G^T X wants G and X with
-    one scale per column). It walks down a band of columns twice (absmax, then codes), reading
-    rows contiguously, instead of a strided row kernel on a transposed view.
- 3. `int8_matmul`: C = (A @ B) * a_scale[:, None] * b_scale[None, :] (+ bias). The int8 x int8
-    products are summed in int32 on tensor cores (exact, no overflow for K < 2^17); the scales
-    factor out of the sum because each runs along a dimension the sum does not cover (the `int8`
-    recipe in qgpt.py), so they are applied once, in the epilogue, with the bias.
- 4. `TritonBackend` exposes quantize_rows and int8_matmul with qgpt.SimBackend's signatures.
+    codes and one fp32 scale: exactly qgpt.quantize(x, bits, "row") (same IEEE division, same
+    round-half-to-even, clamp before the cast, NaN -> code 0 and a NaN scale).
+ 2. `quantize_columns` / `quantize_rows_and_columns`: column scales need every row, so the tensor is
+    cut into tiles of ROWS x BLOCK_N over many programs. Pass 1 writes each tile's partial column
+    (and row) maxima; PyTorch reduces those small tensors to the scales; pass 2 reads the tiles again
+    and writes the codes, the column codes as the rows of X^T, K-major for dW = G^T X. The dual
+    version gives both quantizations of X or G in two passes over it instead of three.
+ 3. `int8_matmul`: C = (A @ B) * a_scale[:, None] * b_scale[None, :] (+ bias). The int8 products are
+    summed in int32 on tensor cores; the scales factor out of the sum because each runs along a
+    dimension the sum does not cover (the `int8` recipe in qgpt.py), so they are applied once, in
+    the epilogue, with the bias. A persistent kernel with tensor descriptors (TMA) serves K-major
+    operands, a pointer kernel any strides. int32 holds the sum only for K < 2^17 (all codes -128:
+    2^31 at K = 2^17); longer K is cut into chunks of MAX_K = 65,536 whose sums are added in fp32.
+ 4. `adamw_lowbit_step`: one AdamW step with 8/4-bit block-wise moments in one pass over memory
+    (decode, update in fp32, new block absmax, encode); qgpt.QAdamW's PyTorch step is its reference.
+ 5. `TritonBackend` exposes them with qgpt.SimBackend's signatures, as PyTorch custom operators so
+    that the int8 recipe traces with torch.compile(fullgraph=True).
 Block sizes: autotuned on a GPU; fixed in Python under the interpreter (no driver there).
 """
 
@@ -663,6 +670,32 @@ def check(device):
         # the epilogue: the same fp32 operations; 1e-6 leaves room for a fused multiply-add
         ok &= compare(f"int8_matmul epilogue {shape}", int8_matmul(a, a_scale, b, b_scale),
                       int8_matmul_reference(a, a_scale, b, b_scale), rtol=1e-6, atol=1e-6)
+        (rows, row_scale), (cols_t, col_scale) = quantize_rows_and_columns(x)
+        ok &= all(compare(f"quantize_rows_and_columns {shape} {name}", got, want) for name, got, want in
+                  [("rows", rows, quantize_rows_reference(x)[0]), ("columns", cols_t, quantize_rows_reference(x.t())[0]),
+                   ("row scales", row_scale, quantize_rows_reference(x)[1]),
+                   ("column scales", col_scale, quantize_rows_reference(x.t())[1])])
+    return ok & check_adamw(device)
+
+
+def check_adamw(device):
+    """The fused AdamW kernel against qgpt.QAdamW's PyTorch step, 3 steps, 8 and 4 bits, a ragged size."""
+    import qgpt
+    ok = True
+    for bits in (8, 4):
+        results = []
+        for fused in (False, True):
+            torch.manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(37, 50, device=device) * 0.02)
+            opt = qgpt.QAdamW([p], lr=1e-2, weight_decay=0.1, m_bits=bits, v_bits=bits, min_size=1, fused=fused)
+            for _ in range(3):
+                p.grad = torch.randn_like(p) * 0.01
+                opt.step()
+            results.append([p.detach(), opt.state[p]["m"]["codes"], opt.state[p]["v"]["codes"]])
+        for name, got, want in zip(["parameter", "m codes", "v codes"], results[1], results[0]):
+            # exact under the interpreter; on a GPU PyTorch's own kernels round some steps differently
+            tol = 0 if device == "cpu" else (1e-5 if name == "parameter" else 1)
+            ok &= compare(f"adamw_lowbit_step {bits}-bit {name}", got.double(), want.double(), rtol=tol, atol=tol * 1e-3)
     return ok
 
 
@@ -699,13 +732,6 @@ def benchmark():
     for name in ("pointer", "tma"):
         for key, config in getattr(_AUTOTUNED.get(name), "cache", {}).items():
             print(f"  best {name} config for {key[:3]}: {config}")
-    # the old layout of dW = G^T X (both operands M-major), pointer kernel, for comparison
-    g, xx = torch.randn(16384, 3072, device="cuda"), torch.randn(16384, 768, device="cuda")
-    ga, gs = quantize_rows(g.t().contiguous().t())
-    xb, xs = quantize_rows(xx.t().contiguous().t())
-    rate = 2 * 3072 * 16384 * 768 / do_bench(lambda: int8_matmul(ga, gs, xb.t(), xs, out_dtype=torch.bfloat16),
-                                               return_mode="median") / 1e9
-    print(f"dW 3072x16384x768 with M-major operands (pointer kernel): {rate:.0f} TOP/s")
     for M, K in [(16384, 768), (16384, 3072)]:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         moved = x.numel() * 3  # bf16 read + int8 write (scales are noise)

@@ -147,6 +147,7 @@ PRESETS = {
     "w4": dict(wbits=4, w_granularity="row"), "w4t": dict(wbits=4, w_granularity="tensor"),
     "a8": dict(abits=8, a_granularity="row"), "a8t": dict(abits=8, a_granularity="tensor"),
     "a4": dict(abits=4, a_granularity="row"), "a4t": dict(abits=4, a_granularity="tensor"),
+    "a8col": dict(abits=8, a_granularity="column"),  # per feature over the batch's tokens (the authors' code)
     "g8": dict(gbits=8, g_granularity="row"), "g8t": dict(gbits=8, g_granularity="tensor"),
     "w8a8": dict(wbits=8, abits=8, w_granularity="row", a_granularity="row"),
     "w8a8g8": dict(wbits=8, abits=8, gbits=8, w_granularity="row", a_granularity="row", g_granularity="row"),

@@ -40,6 +40,8 @@ GRID = [
     ("m4 per-tensor", "optimizer", "m4"), ("m4 per-channel", "optimizer", "m4c"),
     ("v8 linear map", "optimizer", "v8"), ("v8 sqrt map", "optimizer", "v8sqrt"),
     ("w8a8", "combined", "w8a8"), ("w8a8g8", "combined", "w8a8g8"), ("w8a8g8 + m8", "combined", "w8a8g8,m8"),
+    ("a8 per-feature", "activations", "a8col"),  # the authors' code's "per-token": scales shared over the batch
+    ("int8 recipe", "int8 path", "int8"), ("int8 + adam4", "int8 path", "int8,adam4"),  # what the kernels run
 ]
 QUICK = ["baseline", "w8 per-channel", "w4 per-channel", "a8 per-token", "a4 per-tensor", "g8 per-token",
          "g8 per-tensor", "v8 linear map", "w8a8g8 + m8"]

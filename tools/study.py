@@ -132,7 +132,7 @@ def plot(curves, rows, path):
     except ImportError:
         print("matplotlib is not installed, no plot: pip install matplotlib (results.csv is written)")
         return
-    groups = ["weights", "activations", "gradients", "optimizer", "combined"]
+    groups = ["weights", "activations", "gradients", "optimizer", "combined", "int8 path"]
     seeds = sorted({r["seed"] for r in rows})
     names = list(dict.fromkeys(r["name"] for r in rows))
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -746,8 +747,9 @@ def test_help_lists_every_flag(capsys):
 def test_bench_smoke(char_data, capsys):
     from tools import bench
     assert bench.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--dataset",
-                       "corpus_char", "--data_dir", str(char_data / "data")]) == 0
+                       "corpus_char", "--data_dir", str(char_data / "data"), "--peak_tflops", "1"]) == 0
     out = capsys.readouterr().out
+    assert len(re.findall(r" \d+\.\d%", out)) == len(bench.RUNS), "one MFU per row (of a 1 TFLOP/s peak)"
     assert all(name in out for name, _ in bench.RUNS) and "ratios to the first row" in out
     assert "MFU" in out and "where the time goes" in out and all(b in out for b, _ in bench.BUCKETS)
 

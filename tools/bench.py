@@ -68,7 +68,7 @@ def breakdown(run_step, device, steps=2):
     return totals
 
 
-def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_model, profile_steps=0):
+def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_model, profile_steps=0, peak_flops=None):
     """Train `warmup + steps` steps; returns (tokens/s, ms/step, peak MB or None, last loss, MFU, breakdown)."""
     model = qgpt.build_model(cfg, vocab_size, device)
     optimizer = qgpt.make_optimizer(model, cfg)
@@ -100,7 +100,7 @@ def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_model, pr
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     tokens = cfg.batch_size * cfg.block_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak_flops = next((f for key, f in PEAK_FLOPS.items() if key in name), None)
+    peak_flops = peak_flops or next((f for key, f in PEAK_FLOPS.items() if key in name), None)
     mfu = flops_per_token(model, cfg) * tokens / dt / peak_flops if peak_flops else None
     parts = breakdown(run_step, device, profile_steps) if profile_steps else None
     return tokens / dt, dt * 1000, peak, last, mfu, parts
@@ -117,6 +117,8 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile every configuration")
     parser.add_argument("--inductor_quantize", action="store_true",
                         help="with --compile: quantize in PyTorch ops that inductor fuses (kernels.TritonBackend)")
+    parser.add_argument("--peak_tflops", type=float, default=0.0,
+                        help="the device's peak for MFU (default: the bf16 dense peak of a known GPU; none on CPU)")
     parser.add_argument("--profile_steps", type=int, default=2, help="steps profiled for the breakdown (0 = none)")
     parser.add_argument("--runs", default=",".join(str(i) for i in range(len(RUNS))),
                         help="which configurations, by index: " + ", ".join(f"{i} {n}" for i, (n, _) in enumerate(RUNS)))
@@ -151,7 +153,7 @@ def main(argv=None):
         name, preset = RUNS[index]
         cfg = dataclasses.replace(base, **preset)
         rows.append((name, *bench_one(cfg, vocab_size, batches, args.steps, args.warmup, device, args.compile,
-                                      args.profile_steps)))
+                                      args.profile_steps, args.peak_tflops * 1e12)))
         print(f"  {name}: {rows[-1][1]:.0f} tokens/s, {rows[-1][2]:.1f} ms/step", flush=True)
     base_tps, _, base_peak, base_loss = rows[0][1:5]
     print(f"{'configuration':20s} {'tokens/s':>10s} {'ms/step':>8s} {'MFU':>5s} {'peak MB':>8s} {'loss':>7s} | "
@@ -165,7 +167,8 @@ def main(argv=None):
     if args.profile_steps:
         kinds = [b for b, _ in BUCKETS] + ["rest", "total"]
         unit = "device" if device.type == "cuda" else "CPU operator"
-        print(f"\nwhere the time goes: {unit} ms per step, torch.profiler over {args.profile_steps} steps")
+        print(f"\nwhere the time goes: {unit} ms per step, torch.profiler over {args.profile_steps} steps"
+              + ("; on a CPU the simulated quantizers and QAdamW's PyTorch ops count as 'rest'" if unit != "device" else ""))
         print(f"{'configuration':20s} " + " ".join(f"{k:>12s}" for k in kinds))
         for name, *_, parts in rows:
             parts = {**parts, "total": sum(parts.values())}

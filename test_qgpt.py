@@ -177,7 +177,7 @@ def test_quantizer_all_zero_input_gives_zeros():
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("granularity", ["tensor", "row", "column", "group"])
 def test_quantizer_matches_paper_formula(bits, granularity):
-    """An independent numpy version of PAPER.md's formula, on random data, code for code."""
+    """An independent numpy version of the paper's quantizer (absmax / qmax, round, clamp), code for code."""
     rng = np.random.default_rng(bits)
     x = (rng.standard_normal((8, 16)) * rng.uniform(0.01, 5, (8, 1))).astype(np.float32)
     qmax = np.float32(2 ** (bits - 1) - 1)
@@ -328,6 +328,26 @@ def test_swap_keeps_tied_head_and_respects_flag(tmp_path):
     assert model.lm_head.weight is model.transformer.wte.weight, "the tied head must stay tied"
     model = qgpt.GPT(tiny_cfg(tmp_path), vocab_size=40)
     assert "lm_head" not in qgpt.quantize_model(model, Config(wbits=8, quantize_head=False))
+
+
+def test_authors_per_feature_activation_preset():
+    """--preset a8col: the authors' code's "per-token" activation scale is column-wise (one per feature)."""
+    _, model = _linear_pair(Config(**qgpt.PRESETS["a8col"]))
+    x = torch.randn(12, 24) * torch.linspace(0.1, 3.0, 24)  # features of very different ranges
+    y = model(x)
+    codes, scale, _ = quantize(x, 8, "column")
+    assert scale.shape == (1, 24), "one scale per feature"
+    expected = torch.nn.functional.linear(dequantize(codes, scale), model.weight, model.bias)
+    assert torch.equal(y, expected), f"a8col must quantize X per column: max |diff| {(y - expected).abs().max():.3g}"
+
+
+def test_project_stands_alone():
+    """No file of the project points a reader at notes that are not in it."""
+    for name in ["qgpt.py", "kernels.py", "prepare_data.py", "test_qgpt.py", "README.md", "tools/study.py",
+                 "tools/bench.py", "tools/course.py"]:
+        text = open(os.path.join(HERE, name)).read()
+        for missing in ["PAPER" + ".md", "ANCHORS" + ".md", "STYLE" + ".md", "../" + "shared"]:
+            assert missing not in text, f"{name} cites {missing}, which is not part of the project"
 
 
 def test_diagnostics_table(tmp_path):

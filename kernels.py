@@ -750,9 +750,13 @@ def main():
         if os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter must be on before the kernels exist
             print("no CUDA GPU: checking the kernels under Triton's interpreter (no benchmark)")
             os.execve(sys.executable, [sys.executable, __file__], {**os.environ, "TRITON_INTERPRET": "1"})
-        return 0 if check("cpu") else 1
+        ok = check("cpu")
+        print("every kernel matches its reference" if ok else "SOME KERNELS DIFFER from their references (see above)")
+        return 0 if ok else 1
     if not check("cuda"):
+        print("SOME KERNELS DIFFER from their references (see above)")
         return 1
+    print("every kernel matches its reference")
     benchmark()
     return 0
 

@@ -24,6 +24,13 @@ import sys
 import numpy as np
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag costs one line on stderr and exit code 2, not a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see -h)\n")
+
+
 class UserError(Exception):
     """A mistake in the command line or the inputs: main() (here and in qgpt.py) prints it as one line, exits 2."""
 
@@ -59,7 +66,10 @@ def load_codec(meta):
 # Reading a dataset back (qgpt.py trains on it): cfg needs data_dir, dataset and block_size.
 
 def _data_hint(cfg):
-    return f"run `python prepare_data.py{' --tokenizer char' if cfg.dataset.endswith('_char') else ''}` to make it"
+    char = " --tokenizer char" if cfg.dataset.endswith("_char") else ""
+    if cfg.dataset in ("shakespeare", "shakespeare_char"):
+        return f"run `python prepare_data.py{char}` to make it"
+    return f"make it with `python prepare_data.py --input <text file or folder>{char}` (named after the input)"
 
 
 def read_meta(cfg):
@@ -207,7 +217,8 @@ def openwebtext_docs(max_docs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize text for qgpt.py (see the module docstring).")
+    parser = OneLineParser(description="Tokenize text for qgpt.py (README.md, and this file's docstring).",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2", help="GPT-2 BPE or characters")
     parser.add_argument("--input", help="a UTF-8 text file or a folder of .txt/.md files (default: Shakespeare)")
     parser.add_argument("--dataset", choices=["shakespeare", "openwebtext"], default="shakespeare",

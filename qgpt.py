@@ -69,7 +69,8 @@ def canonical_granularity(granularity):
 @dataclass
 class Config:
     # what to do
-    mode: str = opt("train", "train | sample (from out_dir/ckpt.pt) | memory (print the memory table)",
+    mode: str = opt("train", "train | sample (from out_dir/ckpt.pt, with the checkpoint's own model and quantization "
+                    "flags) | memory (print the memory table)",
                     ["train", "sample", "memory"])
     preset: str = opt("", "comma-separated presets, applied before explicit flags (see PRESETS)")
     # I/O
@@ -90,7 +91,7 @@ class Config:
     # training
     batch_size: int = opt(12, "sequences per micro-step")
     grad_accum: int = opt(1, "micro-steps per optimizer step")
-    max_iters: int = opt(2000, "optimizer steps")
+    max_iters: int = opt(2000, "optimizer steps (0: evaluate and sample only)")
     lr: float = opt(1e-3, "peak learning rate")
     min_lr: float = opt(1e-4, "floor of the cosine decay")
     warmup_iters: int = opt(100, "linear warmup steps")
@@ -128,7 +129,7 @@ class Config:
     v_map: str = opt("sqrt", "second-moment code map: linear (the paper's; 0 is a level) | "
                      "zerofree (no zero level) | sqrt (sqrt(v), zero-free)", ["linear", "zerofree", "sqrt"])
     # sampling
-    prompt: str = opt("\n", "start text for sampling")
+    prompt: str = opt("\n", "start text for sampling (default: %(default)r)")
     num_samples: int = opt(1, "samples to draw")
     max_new_tokens: int = opt(200, "tokens per sample")
     temperature: float = opt(0.8, "sampling temperature")
@@ -169,8 +170,9 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser(show_defaults=True):
     """argparse from Config. With show_defaults=False, only flags given explicitly are returned."""
     parser = OneLineParser(
-        description="qgpt: quantized GPT-2 pre-training (see the module docstring).",
-        epilog="presets: " + ", ".join(PRESETS), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="qgpt: quantized GPT-2 pre-training. README.md explains every recipe and preset.",
+        epilog="presets (--preset a,b; each prints what it sets): " + ", ".join(PRESETS),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=None if show_defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         kwargs = dict(help=f.metadata["help"])
@@ -933,7 +935,7 @@ def memory_table(model, optimizer):
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum((p.grad if p.grad is not None else p).numel() * p.element_size() for p in params)
     states = state_bytes(optimizer)
-    lines = [f"memory for {n / 1e6:.2f}M parameters     MB  bytes/param"]
+    lines = [f"memory for {n / 1e6:.2f}M parameters    MiB  bytes/param"]
     for name, b in [("weights", weights), ("gradients", grads), ("adam m", states["m"]),
                     ("adam v", states["v"]), ("total", weights + grads + states["m"] + states["v"])]:
         lines.append(f"  {name:28s}{b / 2 ** 20:8.1f}  {b / n:6.3f}")
@@ -997,9 +999,9 @@ def check_group_sizes(model, cfg):
                                       ("g", cfg.gbits, module.out_features)]:
                 if bits < 16 and canonical_granularity(getattr(cfg, flag + "_granularity")) == "group" \
                         and width % cfg.group_size:
+                    hint = ", or leave the head unquantized with --no-quantize_head" if name == "lm_head" else ""
                     raise UserError(f"--group_size {cfg.group_size} does not divide the width {width} of {name} "
-                                    f"(--{flag}_granularity group): pick a divisor, or exclude the head with "
-                                    f"--no-quantize_head")
+                                    f"(--{flag}_granularity group): pick a divisor of it{hint}")
 
 
 def build_model(cfg, vocab_size, device):

@@ -603,7 +603,7 @@ def test_sigkill_then_resume_matches(char_data):
     (["--batch_size", "0"], "--batch_size must be a positive integer"),
     (["--preset", "w3"], "unknown preset 'w3'"),
     (["--dataset", "nowhere"], "prepare_data.py"),
-    (["--dataset", "empty_char"], "python prepare_data.py --tokenizer char"),
+    (["--dataset", "empty_char"], "python prepare_data.py --input <text file or folder> --tokenizer char"),
     (["--backend", "triton"], "--recipe int8"),
     (["--recipe", "int8", "--backend", "triton", "--wbits", "8"], "needs a CUDA GPU"),
     (["--w_granularity", "group", "--group_size", "48", "--wbits", "8"], "does not divide"),

@@ -69,7 +69,7 @@ def breakdown(run_step, device, steps=2):
 
 
 def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_model, profile_steps=0, peak_flops=None):
-    """Train `warmup + steps` steps; returns (tokens/s, ms/step, peak MB or None, last loss, MFU, breakdown)."""
+    """Train `warmup + steps` steps; returns (tokens/s, ms/step, peak MiB or None, last loss, MFU, breakdown)."""
     model = qgpt.build_model(cfg, vocab_size, device)
     optimizer = qgpt.make_optimizer(model, cfg)
     run_model = torch.compile(model) if compile_model else model
@@ -107,7 +107,8 @@ def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_model, pr
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="bf16 vs int8 training speed (see the module docstring).")
+    parser = argparse.ArgumentParser(description="bf16 vs int8 training speed (README.md, 'Performance').",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="gpt2")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
@@ -156,7 +157,7 @@ def main(argv=None):
                                       args.profile_steps, args.peak_tflops * 1e12)))
         print(f"  {name}: {rows[-1][1]:.0f} tokens/s, {rows[-1][2]:.1f} ms/step", flush=True)
     base_tps, _, base_peak, base_loss = rows[0][1:5]
-    print(f"{'configuration':20s} {'tokens/s':>10s} {'ms/step':>8s} {'MFU':>5s} {'peak MB':>8s} {'loss':>7s} | "
+    print(f"{'configuration':20s} {'tokens/s':>10s} {'ms/step':>8s} {'MFU':>5s} {'peak MiB':>8s} {'loss':>7s} | "
           f"{'speed':>6s} {'memory':>6s} {'loss':>6s}  (ratios to the first row)")
     for name, tps, ms, peak, loss, mfu, _ in rows:
         peak_text = f"{peak:8.0f}" if peak is not None else f"{'-':>8s}"

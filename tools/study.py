@@ -175,7 +175,9 @@ def replot(out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Run the paper's quantization grid (see the module docstring).")
+    parser = argparse.ArgumentParser(description="Run the paper's quantization grid (README.md, 'The paper's study').",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog="names for --only: " + ", ".join(f"'{name}'" for name, _, _ in GRID))
     parser.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} runs, one seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338], help="seeds for every run")
     parser.add_argument("--scale", choices=list(SCALES), default="cpu", help="cpu: char model; gpu: BPE, 6x384")
@@ -190,6 +192,11 @@ def main(argv=None):
     if args.replot:
         replot(args.out)
         return 0
+    unknown = [name for name in args.only or [] if name not in [g[0] for g in GRID]]
+    if unknown:
+        print(f"error: --only {', '.join(unknown)}: not in the grid; names: {', '.join(g[0] for g in GRID)}",
+              file=sys.stderr)
+        return 2
     grid = [g for g in GRID if (not args.quick or g[0] in QUICK) and (not args.only or g[0] in args.only)]
     if args.quick:
         args.seeds = args.seeds[:1]

@@ -47,10 +47,16 @@ def quantize_rows_reference(x, bits=8, absmax_floor=1e-5):
     """(M, K) float -> int8 codes (M, K), fp32 scale (M, 1); symmetric, one scale per row."""
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
-    absmax = xf.abs().amax(dim=1, keepdim=True).clamp(min=absmax_floor)  # (M, 1) fp32
-    scale = absmax / torch.full_like(absmax, qmax)  # a tensor divisor: IEEE division on CUDA too
+    scale = absmax_scale(xf.abs().amax(dim=1, keepdim=True), absmax_floor, qmax)  # (M, 1) fp32
     codes = torch.round(xf / scale).clamp(-qmax - 1, qmax).nan_to_num(0.0).to(torch.int8)  # clamp, then cast
     return codes, scale
+
+
+def absmax_scale(absmax, absmax_floor, qmax):
+    """qgpt.quantize's scale: max(absmax, floor) / qmax (amax keeps NaN). A tensor divisor, as CUDA
+    divides by a Python number through its reciprocal, 1 ulp off IEEE division."""
+    absmax = absmax.clamp(min=absmax_floor)
+    return absmax / torch.full_like(absmax, qmax)
 
 
 def quantize_columns_reference(x, bits=8, absmax_floor=1e-5):
@@ -459,12 +465,9 @@ def _quantize_tiles(x, bits, absmax_floor, with_rows):
     row_part = torch.empty((M, grid[1]) if with_rows else (1,), dtype=torch.float32, device=x.device)
     absmax_partials_kernel[grid](x, col_part, row_part, M, N, x.stride(0), x.stride(1), **meta)
 
-    def scale(partials, dim):  # the maxima of the partial maxima, then qgpt.quantize's scale
-        absmax = partials.amax(dim=dim, keepdim=True).clamp(min=absmax_floor)  # amax keeps NaN
-        return absmax / torch.full_like(absmax, qmax)
-
-    col_scale = scale(col_part, 0)  # (1, N)
-    row_scale = scale(row_part, 1) if with_rows else col_scale  # (M, 1)
+    # the maxima of the partial maxima, then qgpt.quantize's scale
+    col_scale = absmax_scale(col_part.amax(dim=0, keepdim=True), absmax_floor, qmax)  # (1, N)
+    row_scale = absmax_scale(row_part.amax(dim=1, keepdim=True), absmax_floor, qmax) if with_rows else col_scale
     colt_codes = torch.empty((N, M), dtype=torch.int8, device=x.device)
     row_codes = torch.empty((M, N) if with_rows else (1,), dtype=torch.int8, device=x.device)
     quantize_tiles_kernel[grid](x, col_scale, colt_codes, row_scale, row_codes, M, N, x.stride(0), x.stride(1),
@@ -497,14 +500,14 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_
     dequant = out_dtype != torch.int32
     a_scale = a_scale.reshape(-1).float()  # (M,)
     b_scale = b_scale.reshape(-1).float()  # (N,)
-    args = (a, b, c, a_scale, b_scale, a_scale if bias is None else bias, M, N, K, a.stride(0), a.stride(1),
-            b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    bias_arg = a_scale if bias is None else bias  # any pointer when HAS_BIAS is off
+    args = (a, b, c, a_scale, b_scale, bias_arg, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            c.stride(0), c.stride(1))
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
     bk = 32 if K <= 256 else 512  # interpreter: fewer, longer steps along a long K
     if use_tma is None:
         use_tma = a.is_cuda and _tma_ok(a, b, c)
     if use_tma:
-        bias_arg = args[5]
         tma_args = (a, b, c, a_scale, b_scale, bias_arg, M, N, K, a.stride(0), b.stride(1), c.stride(0))
         if a.is_cuda:
             # device-side tensor descriptors need scratch memory; the allocator is per thread (the

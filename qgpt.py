@@ -34,6 +34,7 @@ How it works:
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -574,7 +575,7 @@ def diagnose(model):
                   "G": (r.gbits, r.g_granularity, GRAD_FLOOR)}
         for what, tensor in [("W", module.weight.detach()), ("X", t)] if operand == "X" else [("G", t)]:
             bits, granularity, floor = scales[what]
-            if bits < 16:  # the int8 recipe measures its rows (its other axes err alike)
+            if bits < 16 and not (what == "W" and "W" in stats.get(name, {})):  # W: once, it holds still  # the int8 recipe measures its rows (its other axes err alike)
                 granularity = "row" if r.recipe == "int8" else granularity
                 stats.setdefault(name, {})[what] = quantization_stats(tensor, bits, granularity, r.group_size, floor)
 
@@ -787,8 +788,9 @@ def decode_state(state, shape, bits, signed, v_map="linear"):
     return x.view(-1)[:math.prod(shape)].view(shape)
 
 
+@functools.cache
 def triton_kernels():
-    """kernels.py when Triton is installed, else None."""
+    """kernels.py when Triton is installed, else None (looked up once)."""
     try:
         import kernels
     except ImportError:
@@ -869,8 +871,8 @@ class QAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            params = [p for p in group["params"] if p.grad is not None]
-            fused = [p for p in params if self._path(p, group) == "torch"]
+            paths = {p: self._path(p, group) for p in group["params"] if p.grad is not None}
+            fused = [p for p, path in paths.items() if path == "torch"]
             if fused:  # fp32 states: torch's fused AdamW, one kernel for all of them
                 states = [self.state[p] for p in fused]
                 steps = [state["step"] for state in states]
@@ -878,8 +880,8 @@ class QAdamW(torch.optim.Optimizer):
                 torch._fused_adamw_(fused, [p.grad for p in fused], [state["m"]["value"] for state in states],
                                     [state["v"]["value"] for state in states], [], steps, lr=lr, beta1=beta1,
                                     beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
-            for p in params:
-                path, state, (m_bits, v_bits) = self._path(p, group), self.state[p], self.state_bits(p, group)
+            for p, path in paths.items():
+                state, (m_bits, v_bits) = self.state[p], self.state_bits(p, group)
                 if path == "torch":
                     continue
                 grad = p.grad.float()

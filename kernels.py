@@ -743,6 +743,32 @@ def benchmark():
                          ("reference rows (compiled)", torch.compile(quantize_rows_reference))]:
             ms = do_bench(lambda: fn(x), return_mode="median")
             print(f"{name:26s} {M}x{K} bf16: {ms * 1e3:6.1f} us, {moved / ms / 1e9:5.2f} TB/s", flush=True)
+        ms = do_bench(lambda: quantize_rows_and_columns(x), return_mode="median")  # reads x twice, writes 2 codes
+        print(f"{'quantize_rows_and_columns':26s} {M}x{K} bf16: {ms * 1e3:6.1f} us, "
+              f"{x.numel() * 6 / ms / 1e9:5.2f} TB/s", flush=True)
+    benchmark_adamw()
+
+
+def benchmark_adamw():
+    """One optimizer step over GPT-2 small's 2-D weights: torch's fused AdamW (fp32 states) vs the
+    fused low-bit kernel, in GB/s of parameter, gradient and state traffic."""
+    import qgpt
+    from triton.testing import do_bench
+    shapes = [(50304, 768)] + [(768, 2304), (768, 768), (3072, 768), (768, 3072)] * 12
+    print(f"AdamW step over GPT-2 small's {len(shapes)} weight matrices (fp32 parameters and gradients)")
+    for name, make, state_bytes in [
+            ("torch.optim.AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), 16),
+            ("QAdamW 8-bit (Triton)", lambda ps: qgpt.QAdamW(ps, lr=1e-3, m_bits=8, v_bits=8), 4),
+            ("QAdamW 4-bit (Triton)", lambda ps: qgpt.QAdamW(ps, lr=1e-3, m_bits=4, v_bits=4), 2)]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
+        for q in params:
+            q.grad = torch.randn_like(q) * 1e-3
+        opt = make(params)
+        n = sum(q.numel() for q in params)
+        ms = do_bench(opt.step, return_mode="median")
+        moved = n * (8 + 4 + state_bytes)  # p read + write, grad read, m and v read + write
+        print(f"  {name:26s} {n / 1e6:.1f}M parameters: {ms:6.2f} ms, {moved / ms / 1e6:6.0f} GB/s", flush=True)
 
 
 def main():

@@ -330,6 +330,24 @@ def test_swap_keeps_tied_head_and_respects_flag(tmp_path):
     assert "lm_head" not in qgpt.quantize_model(model, Config(wbits=8, quantize_head=False))
 
 
+def test_int8_preset_leaves_the_lm_head_unquantized(tmp_path):
+    """--preset int8 keeps the LM head in full precision; every Linear of the blocks is quantized.
+
+    Why: the head's output gradient is softmax - one_hot. Over a 50k vocabulary the non-target
+    entries are about 1/50k of the target's, under an 8-bit row's step (max/127), so per-token
+    codes keep only the target and training loses the softmax's push-down (README, Performance).
+    """
+    cfg = tiny_cfg(tmp_path, **qgpt.PRESETS["int8"])
+    model = qgpt.GPT(cfg, vocab_size=40)
+    swapped = qgpt.quantize_model(model, cfg)
+    assert "lm_head" not in swapped and type(model.lm_head) is torch.nn.Linear, "the int8 preset quantized the head"
+    assert len(swapped) == 4 * cfg.n_layer, f"every block Linear must be quantized, got {swapped}"
+    g = torch.full((1, 50257), 0.9 / 50256)  # softmax - one_hot of a near-uniform prediction
+    g[0, 7] = -0.9
+    codes = qgpt.quantize(g, 8, "row", absmax_floor=qgpt.GRAD_FLOOR)[0]
+    assert torch.count_nonzero(codes) == 1, "the mechanism: one 8-bit row keeps the target entry only"
+
+
 def test_authors_per_feature_activation_preset():
     """--preset a8col: the authors' code's "per-token" activation scale is column-wise (one per feature)."""
     _, model = _linear_pair(Config(**qgpt.PRESETS["a8col"]))
@@ -855,7 +873,7 @@ def test_kernel_backend_trains_a_gpt_like_sim(tmp_path, seed):
     """A whole GPT with the int8 recipe, forward and backward: Triton and simulated backends give the same
     bits for any seed. Both sum the int8 products exactly and apply the scales in the same fp32 order, so
     each layer's quantized operands are identical by construction and no code can flip between them."""
-    cfg = tiny_cfg(tmp_path, **qgpt.PRESETS["int8"])
+    cfg = tiny_cfg(tmp_path, **{**qgpt.PRESETS["int8"], "quantize_head": True})  # the tied head too
     gen = torch.Generator().manual_seed(seed)
     x, y = on_kdev(torch.randint(0, 32, (2, 16), generator=gen), torch.randint(0, 32, (2, 16), generator=gen))
     grads = {}

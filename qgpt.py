@@ -576,8 +576,8 @@ def diagnose(model):
                   "G": (r.gbits, r.g_granularity, GRAD_FLOOR)}
         for what, tensor in [("W", module.weight.detach()), ("X", t)] if operand == "X" else [("G", t)]:
             bits, granularity, floor = scales[what]
-            if bits < 16 and not (what == "W" and "W" in stats.get(name, {})):  # W: once, it holds still  # the int8 recipe measures its rows (its other axes err alike)
-                granularity = "row" if r.recipe == "int8" else granularity
+            if bits < 16 and not (what == "W" and "W" in stats.get(name, {})):  # W: once, it holds still
+                granularity = "row" if r.recipe == "int8" else granularity  # int8: its rows (other axes err alike)
                 stats.setdefault(name, {})[what] = quantization_stats(tensor, bits, granularity, r.group_size, floor)
 
     with operand_hooks(model, record, QLinear):

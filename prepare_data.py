@@ -28,7 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
     """A bad flag costs one line on stderr and exit code 2, not a usage dump."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see -h)\n")
+        self.exit(2, f"error: {message} (see python {self.prog} -h)\n")
 
 
 class UserError(Exception):

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare_data import UserError, check_prompt, load_codec, load_data, read_meta
+from prepare_data import OneLineParser, UserError, check_prompt, load_codec, load_data, read_meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,13 +160,6 @@ PRESETS = {
     "v8": dict(v_bits=8, v_granularity="tensor", v_map="linear"), "v8sqrt": dict(v_bits=8, v_map="sqrt"),
     "adam8": dict(m_bits=8, v_bits=8), "adam4": dict(m_bits=4, v_bits=4),
 }
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """A bad flag costs one line on stderr and exit code 2, not a usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see python qgpt.py -h)\n")
 
 
 def build_parser(show_defaults=True):

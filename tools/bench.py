@@ -68,18 +68,21 @@ def breakdown(run_step, device, steps=2):
     return totals
 
 
-def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_model, profile_steps=0, peak_flops=None):
+def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_mode=None, profile_steps=0, peak_flops=None):
     """Train `warmup + steps` steps; returns (tokens/s, ms/step, peak MiB or None, mean loss of the last
     10 steps, MFU, breakdown)."""
     model = qgpt.build_model(cfg, vocab_size, device)
     optimizer = qgpt.make_optimizer(model, cfg)
-    run_model = torch.compile(model) if compile_model else model
+    run_model = torch.compile(model, mode=compile_mode) if compile_mode else model
+    graphs = compile_mode == "reduce-overhead" and device.type == "cuda"  # CUDA graphs replay the step
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     state = {"i": 0}
 
     def run_step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step: the last one's buffers may go
         x, y = batches[state["i"] % len(batches)]
         state["i"] += 1
         with qgpt.autocast_context(device):
@@ -94,7 +97,7 @@ def bench_one(cfg, vocab_size, batches, steps, warmup, device, compile_model, pr
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.time()
-    losses = [run_step().detach() for _ in range(steps)]
+    losses = [run_step().detach().clone() for _ in range(steps)]  # a copy: CUDA graphs reuse the output
     last = torch.stack(losses[-10:]).mean().item()  # synchronises; 10 batches: less noise than one
     dt = (time.time() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
@@ -116,6 +119,9 @@ def main(argv=None):
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile every configuration")
+    parser.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="with --compile: torch.compile's mode; reduce-overhead replays each step as CUDA graphs, "
+                             "so no Python launches a kernel")
     parser.add_argument("--inductor_quantize", action="store_true",
                         help="with --compile: quantize in PyTorch ops that inductor fuses (kernels.TritonBackend)")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
@@ -148,12 +154,14 @@ def main(argv=None):
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"{gpu}, torch {torch.__version__}, triton {triton_version}, {precision}; {args.model}: {base.n_layer} layers, "
           f"width {base.n_embd}, batch {base.batch_size} x {base.block_size} tokens, {args.steps} timed steps"
-          f"{', torch.compile' if args.compile else ''}, {'data ' + args.dataset if args.dataset else 'random tokens'}")
+          + (f", torch.compile ({args.compile_mode})" if args.compile else "")
+          + f", {'data ' + args.dataset if args.dataset else 'random tokens'}")
     rows = []
     for index in [int(i) for i in args.runs.split(",")]:
         name, preset = RUNS[index]
         cfg = dataclasses.replace(base, **preset)
-        rows.append((name, *bench_one(cfg, vocab_size, batches, args.steps, args.warmup, device, args.compile,
+        rows.append((name, *bench_one(cfg, vocab_size, batches, args.steps, args.warmup, device,
+                                      args.compile_mode if args.compile else None,
                                       args.profile_steps, args.peak_tflops * 1e12)))
         print(f"  {name}: {rows[-1][1]:.0f} tokens/s, {rows[-1][2]:.1f} ms/step", flush=True)
     base_tps, _, base_peak, base_loss = rows[0][1:5]

@@ -3,6 +3,7 @@ tools/bench.py: end-to-end training speed and memory of qgpt, bf16 baseline vs t
 
     python -m tools.bench --model gpt2 --compile                 # GPU: GPT-2 small, 16 x 1024 tokens per step
     python -m tools.bench --model gpt2-medium --compile          # GPU: GPT-2 medium, 8 x 1024
+    python -m tools.bench --compile --compile_mode reduce-overhead   # GPU: each step replayed as CUDA graphs
     python -m tools.bench --model gpt2 --dataset shakespeare --steps 300   # real data: compare the losses too
     python -m tools.bench --model tiny --device cpu --steps 5    # a smoke run anywhere
 

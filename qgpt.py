@@ -501,11 +501,24 @@ def quantize_model(model, cfg, backend=SimBackend):
         for child_name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or (child_name == "lm_head" and not cfg.quantize_head):
                 continue
+            name = f"{parent_name}.{child_name}".lstrip(".")
+            check_group_size(cfg, name, child)
             q = QLinear(child.in_features, child.out_features, child.bias is not None, recipe, backend)
             q.weight, q.bias = child.weight, child.bias
             setattr(parent, child_name, q)
-            swapped.append(f"{parent_name}.{child_name}".lstrip("."))
+            swapped.append(name)
     return swapped
+
+
+def check_group_size(cfg, name, linear):
+    """Group granularity needs group_size to divide every quantized row: inputs for W and X, outputs for G."""
+    for flag, bits, width in [("w", cfg.wbits, linear.in_features), ("a", cfg.abits, linear.in_features),
+                              ("g", cfg.gbits, linear.out_features)]:
+        if (cfg.recipe == "paper" and bits < 16 and width % cfg.group_size
+                and canonical_granularity(getattr(cfg, flag + "_granularity")) == "group"):
+            hint = ", or leave the head unquantized with --no-quantize_head" if name == "lm_head" else ""
+            raise UserError(f"--group_size {cfg.group_size} does not divide the width {width} of {name} "
+                            f"(--{flag}_granularity group): pick a divisor of it{hint}")
 
 
 def select_backend(cfg, device):
@@ -985,28 +998,12 @@ def autocast_context(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def check_group_sizes(model, cfg):
-    """Group granularity needs group_size to divide every quantized row: inputs for W and X, outputs for G."""
-    if cfg.recipe != "paper":
-        return
-    for name, module in model.named_modules():
-        if isinstance(module, QLinear):
-            for flag, bits, width in [("w", cfg.wbits, module.in_features), ("a", cfg.abits, module.in_features),
-                                      ("g", cfg.gbits, module.out_features)]:
-                if bits < 16 and canonical_granularity(getattr(cfg, flag + "_granularity")) == "group" \
-                        and width % cfg.group_size:
-                    hint = ", or leave the head unquantized with --no-quantize_head" if name == "lm_head" else ""
-                    raise UserError(f"--group_size {cfg.group_size} does not divide the width {width} of {name} "
-                                    f"(--{flag}_granularity group): pick a divisor of it{hint}")
-
-
 def build_model(cfg, vocab_size, device):
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, vocab_size)
     backend = select_backend(cfg, device)
     if min(cfg.wbits, cfg.abits, cfg.gbits) <= 8:
         swapped = quantize_model(model, cfg, backend)
-        check_group_sizes(model, cfg)
         print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} g{cfg.gbits})")
     return model.to(device)
 
@@ -1059,24 +1056,18 @@ def check_resume(ckpt, cfg, meta):
 
     Returns the quantization keys that change (allowed by --allow_config_change)."""
     saved = ckpt["config"]
-
-    def changes(keys):
-        return [k for k in keys if saved.get(k) != getattr(cfg, k)]
-
-    def describe(keys):
-        return ", ".join(f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in keys)
-
-    if changes(SHAPE_KEYS):
-        raise UserError(f"the checkpoint has another model shape ({describe(changes(SHAPE_KEYS))}): "
-                        f"use its flags to resume")
+    changes = {k: f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in SHAPE_KEYS + LINEAR_KEYS + STATE_KEYS
+               if saved.get(k) != getattr(cfg, k)}
+    if set(changes) & set(SHAPE_KEYS):
+        raise UserError(f"the checkpoint has another model shape "
+                        f"({', '.join(v for k, v in changes.items() if k in SHAPE_KEYS)}): use its flags to resume")
     if ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
         raise UserError(f"dataset '{cfg.dataset}' has vocab {meta['vocab_size']} but the checkpoint was trained "
                         f"with vocab {ckpt['meta']['vocab_size']}: resume on the dataset it was trained on")
-    changed = changes(LINEAR_KEYS + STATE_KEYS)
-    if changed and not cfg.allow_config_change:
-        raise UserError(f"the checkpoint was trained with another quantization ({describe(changed)}): add "
-                        f"--allow_config_change to switch it on resume")
-    return changed
+    if changes and not cfg.allow_config_change:
+        raise UserError(f"the checkpoint was trained with another quantization ({', '.join(changes.values())}): "
+                        f"add --allow_config_change to switch it on resume")
+    return list(changes)
 
 
 def setup_distributed(cfg):
@@ -1191,8 +1182,7 @@ def train(cfg, stop_at=None):
                         (loss * world / cfg.grad_accum).backward()  # DDP averages over the processes
                     loss_sum += loss.item() / cfg.grad_accum
             loss_sum = _all_reduce(loss_sum, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
-                                                       float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # 0: no clipping
             if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 if not cfg.skip_nonfinite:
@@ -1224,9 +1214,8 @@ def sample(cfg, model=None, meta=None):
     device = pick_device(cfg.device)
     if model is None:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-        saved = dataclasses.replace(Config(), **ckpt["config"])
         meta = ckpt["meta"]
-        model = build_model(dataclasses.replace(saved, device=cfg.device), meta["vocab_size"], device)
+        model = build_model(Config(**{**ckpt["config"], "device": cfg.device}), meta["vocab_size"], device)
         model.load_state_dict(ckpt["model"])
     check_prompt(cfg.prompt, meta)
     encode, decode = load_codec(meta)

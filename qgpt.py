@@ -1215,7 +1215,7 @@ def sample(cfg, model=None, meta=None):
     if model is None:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
         meta = ckpt["meta"]
-        model = build_model(Config(**{**ckpt["config"], "device": cfg.device}), meta["vocab_size"], device)
+        model = build_model(Config(**ckpt["config"]), meta["vocab_size"], device)
         model.load_state_dict(ckpt["model"])
     check_prompt(cfg.prompt, meta)
     encode, decode = load_codec(meta)

@@ -348,6 +348,40 @@ def test_int8_preset_leaves_the_lm_head_unquantized(tmp_path):
     assert torch.count_nonzero(codes) == 1, "the mechanism: one 8-bit row keeps the target entry only"
 
 
+def test_group_size_check_uses_each_operands_width(tmp_path):
+    """Group scales run along rows: W's and X's rows are the inputs, G's the outputs; an operand left
+    unquantized is not checked, nor an LM head left in full precision."""
+    g16 = Config(gbits=8, g_granularity="group", group_size=16)
+    qgpt.check_group_size(g16, "x", nn.Linear(24, 16))  # G rows: the 16 outputs
+    with pytest.raises(qgpt.UserError, match="the width 24 of x"):
+        qgpt.check_group_size(g16, "x", nn.Linear(16, 24))
+    qgpt.check_group_size(Config(abits=8, w_granularity="group", group_size=48), "x", nn.Linear(32, 32))  # W at 32 bits
+    cfg = tiny_cfg(tmp_path, gbits=8, g_granularity="group", group_size=16, quantize_head=False)
+    assert len(qgpt.quantize_model(qgpt.GPT(cfg, vocab_size=40), cfg)) == 4, "the unquantized head must not be checked"
+    cfg = tiny_cfg(tmp_path, gbits=8, g_granularity="group", group_size=16)
+    with pytest.raises(qgpt.UserError, match="width 40 of lm_head .*--no-quantize_head"):
+        qgpt.quantize_model(qgpt.GPT(cfg, vocab_size=40), cfg)
+
+
+def test_grad_clip_zero_means_off(char_data):
+    def losses(clip):
+        return qgpt.train(tiny_cfg(char_data, grad_clip=clip, max_iters=10))[1]["losses"]
+    off = losses(0)
+    # exact: a clip far above the norm scales the gradients by min(1, clip / norm) = 1.0
+    assert off == losses(1e9), "--grad_clip 0 must mean no clipping"
+    assert off != losses(1e-3), "a small --grad_clip must change the steps"
+
+
+@pytest.mark.parametrize("script,flags", [("qgpt.py", ["--w_granularity", "block"]),
+                                          ("prepare_data.py", ["--tokenizer", "bpe"])])
+def test_parser_error_is_one_line(script, flags):
+    """A bad flag: exit code 2 and one line on stderr naming the script's -h (a subprocess: argparse's
+    prog is the script's name only when it is run as one)."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, script), *flags], capture_output=True, text=True, cwd=HERE)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: argument "), proc.stderr
+    assert proc.stderr.endswith(f" (see python {script} -h)\n") and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_authors_per_feature_activation_preset():
     """--preset a8col: the authors' code's "per-token" activation scale is column-wise (one per feature)."""
     _, model = _linear_pair(Config(**qgpt.PRESETS["a8col"]))
@@ -656,11 +690,12 @@ def test_bad_input_one_clear_line(char_data, capsys, flags, message):
 
 @pytest.mark.parametrize("change,message", [
     (dict(n_embd=64), "another model shape (n_embd 32 -> 64)"),
+    (dict(n_embd=64, wbits=8), "another model shape (n_embd 32 -> 64)"),  # the shape error names the shape only
     (dict(wbits=8), "another quantization (wbits 32 -> 8)"),
     (dict(m_bits=8), "another quantization (m_bits 32 -> 8)"),
     (dict(dataset="other_char"), "has vocab"),
 ])
-def test_resume_refuses_a_different_run(char_data, change, message):
+def test_resume_refuses_a_different_run(char_data, capsys, change, message):
     qgpt.train(tiny_cfg(char_data, max_iters=10))
     (char_data / "other.txt").write_text("abc " * 500)
     prepare_data.main(["--input", str(char_data / "other.txt"), "--tokenizer", "char", "--out_dir", str(char_data / "data")])
@@ -669,8 +704,11 @@ def test_resume_refuses_a_different_run(char_data, change, message):
         qgpt.train(tiny_cfg(char_data, max_iters=20, init_from="resume", **change))
     assert (char_data / "out" / "ckpt.pt").read_bytes() == before, "the checkpoint must stay untouched"
     if "quantization" in message:  # the flag lets it through
+        capsys.readouterr()
         _, history = qgpt.train(tiny_cfg(char_data, max_iters=20, init_from="resume", allow_config_change=True, **change))
         assert len(history["losses"]) == 10
+        afresh = "optimizer states start afresh" in capsys.readouterr().out
+        assert afresh == ("m_bits" in change), "a new state format must restart the optimizer, any other change not"
 
 
 def test_truncated_checkpoint_is_refused(char_data, capsys):
@@ -790,6 +828,36 @@ def test_bench_smoke(char_data, capsys):
     assert len(re.findall(r" \d+\.\d%", out)) == len(bench.RUNS), "one MFU per row (of a 1 TFLOP/s peak)"
     assert all(name in out for name, _ in bench.RUNS) and "ratios to the first row" in out
     assert "MFU" in out and "where the time goes" in out and all(b in out for b, _ in bench.BUCKETS)
+
+
+def test_bench_loss_is_the_mean_of_the_last_10_steps(monkeypatch):
+    from tools import bench
+    calls = {"n": 0}
+    real = qgpt.GPT.forward
+
+    def counted(self, idx, targets=None):  # the n-th call's loss is n (with the real graph behind it)
+        logits, _ = real(self, idx, targets)
+        calls["n"] += 1
+        return logits, logits.sum() * 0 + float(calls["n"])
+
+    monkeypatch.setattr(qgpt.GPT, "forward", counted)
+    cfg = qgpt.dataclasses.replace(Config(), **bench.MODELS["tiny"], device="cpu")
+    x = torch.randint(0, 64, (cfg.batch_size, cfg.block_size))
+    loss = bench.bench_one(cfg, 64, [(x, x)], steps=12, warmup=1, device=torch.device("cpu"))[3]
+    assert loss == sum(range(4, 14)) / 10, f"calls 2..13 are timed, the last 10 are 4..13; got {loss}"
+
+
+def test_bench_buckets_and_compile_mode(char_data, monkeypatch):
+    """The two-pass quantizers' kernels count as quantize; --compile_mode reaches torch.compile."""
+    from tools import bench
+    for kernel in ("absmax_partials_kernel", "quantize_tiles_kernel", "quantize_rows_kernel"):
+        assert next(b for b, words in bench.BUCKETS if any(w in kernel for w in words)) == "quantize", kernel
+    seen = []
+    monkeypatch.setattr(bench.torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    assert bench.main(["--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--runs", "0",
+                       "--profile_steps", "0", "--compile", "--compile_mode", "reduce-overhead", "--dataset",
+                       "corpus_char", "--data_dir", str(char_data / "data")]) == 0
+    assert seen == [{"mode": "reduce-overhead"}]
 
 
 def test_compare_helper(capsys):

@@ -1004,7 +1004,8 @@ def build_model(cfg, vocab_size, device):
     backend = select_backend(cfg, device)
     if min(cfg.wbits, cfg.abits, cfg.gbits) <= 8:
         swapped = quantize_model(model, cfg, backend)
-        print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} g{cfg.gbits})")
+        print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} g{cfg.gbits})"
+              + ("; the LM head stays full precision" if not cfg.quantize_head else ""))
     return model.to(device)
 
 

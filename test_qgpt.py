@@ -330,7 +330,7 @@ def test_swap_keeps_tied_head_and_respects_flag(tmp_path):
     assert "lm_head" not in qgpt.quantize_model(model, Config(wbits=8, quantize_head=False))
 
 
-def test_int8_preset_leaves_the_lm_head_unquantized(tmp_path):
+def test_int8_preset_leaves_the_lm_head_unquantized(tmp_path, capsys):
     """--preset int8 keeps the LM head in full precision; every Linear of the blocks is quantized.
 
     Why: the head's output gradient is softmax - one_hot. Over a 50k vocabulary the non-target
@@ -342,6 +342,8 @@ def test_int8_preset_leaves_the_lm_head_unquantized(tmp_path):
     swapped = qgpt.quantize_model(model, cfg)
     assert "lm_head" not in swapped and type(model.lm_head) is torch.nn.Linear, "the int8 preset quantized the head"
     assert len(swapped) == 4 * cfg.n_layer, f"every block Linear must be quantized, got {swapped}"
+    qgpt.build_model(cfg, 40, torch.device("cpu"))
+    assert "quantized 4 Linears (int8 recipe, w8 a8 g8); the LM head stays full precision" in capsys.readouterr().out
     g = torch.full((1, 50257), 0.9 / 50256)  # softmax - one_hot of a near-uniform prediction
     g[0, 7] = -0.9
     codes = qgpt.quantize(g, 8, "row", absmax_floor=qgpt.GRAD_FLOOR)[0]

@@ -16,6 +16,7 @@ loss (mean of the last 10 steps), and each ratio to the baseline, with the GPU, 
 
 import argparse
 import dataclasses
+import importlib.metadata
 import os
 import sys
 import time
@@ -151,7 +152,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    triton_version = getattr(sys.modules.get("triton"), "__version__", "not loaded")
+    try:
+        triton_version = importlib.metadata.version("triton")  # installed, whether or not imported yet
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "not installed"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"{gpu}, torch {torch.__version__}, triton {triton_version}, {precision}; {args.model}: {base.n_layer} layers, "
           f"width {base.n_embd}, batch {base.batch_size} x {base.block_size} tokens, {args.steps} timed steps"

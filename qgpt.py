@@ -512,10 +512,12 @@ def quantize_model(model, cfg, backend=SimBackend):
 
 def check_group_size(cfg, name, linear):
     """Group granularity needs group_size to divide every quantized row: inputs for W and X, outputs for G."""
+    if cfg.recipe != "paper":  # the int8 recipe has no groups
+        return
     for flag, bits, width in [("w", cfg.wbits, linear.in_features), ("a", cfg.abits, linear.in_features),
                               ("g", cfg.gbits, linear.out_features)]:
-        if (cfg.recipe == "paper" and bits < 16 and width % cfg.group_size
-                and canonical_granularity(getattr(cfg, flag + "_granularity")) == "group"):
+        grouped = canonical_granularity(getattr(cfg, flag + "_granularity")) == "group"
+        if grouped and bits < 16 and width % cfg.group_size:
             hint = ", or leave the head unquantized with --no-quantize_head" if name == "lm_head" else ""
             raise UserError(f"--group_size {cfg.group_size} does not divide the width {width} of {name} "
                             f"(--{flag}_granularity group): pick a divisor of it{hint}")
@@ -1059,9 +1061,9 @@ def check_resume(ckpt, cfg, meta):
     saved = ckpt["config"]
     changes = {k: f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in SHAPE_KEYS + LINEAR_KEYS + STATE_KEYS
                if saved.get(k) != getattr(cfg, k)}
-    if set(changes) & set(SHAPE_KEYS):
-        raise UserError(f"the checkpoint has another model shape "
-                        f"({', '.join(v for k, v in changes.items() if k in SHAPE_KEYS)}): use its flags to resume")
+    shape = [change for k, change in changes.items() if k in SHAPE_KEYS]
+    if shape:
+        raise UserError(f"the checkpoint has another model shape ({', '.join(shape)}): use its flags to resume")
     if ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
         raise UserError(f"dataset '{cfg.dataset}' has vocab {meta['vocab_size']} but the checkpoint was trained "
                         f"with vocab {ckpt['meta']['vocab_size']}: resume on the dataset it was trained on")

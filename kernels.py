@@ -1,30 +1,35 @@
 """
-kernels.py: Triton kernels for qgpt's int8 path, each beside a plain PyTorch reference.
+kernels.py: Triton kernels for qgpt's int8 recipe, each beside a plain PyTorch reference.
 
-    python kernels.py                  # GPU: correctness check, then the benchmark tables
-                                       # CPU: says so, checks the kernels under Triton's interpreter
-    python -m pytest test_qgpt.py -k "kernel or triton or fused_adam"   # compiled on a GPU, else interpreted
+    python kernels.py           # GPU: every kernel against its reference, then the benchmark tables
+                                # CPU: says so, checks the kernels under Triton's interpreter
+    python kernels.py --tune    # GPU: autotune the matmul at GPT-2's shapes, print MATMUL_TABLE
+    python -m pytest test_qgpt.py -k "kernel or triton"   # compiled on a GPU, else interpreted
 
-How it works:
- 1. `quantize_rows`: one program per row reads the row once, takes its absmax, and writes int8
-    codes and one fp32 scale: exactly qgpt.quantize(x, bits, "row") (same IEEE division, same
-    round-half-to-even, clamp before the cast, NaN -> code 0 and a NaN scale).
- 2. `quantize_columns` / `quantize_rows_and_columns`: column scales need every row, so the tensor is
-    cut into tiles of ROWS x BLOCK_N over many programs. Pass 1 writes each tile's partial column
-    (and row) maxima; PyTorch reduces those small tensors to the scales; pass 2 reads the tiles again
-    and writes the codes, the column codes as the rows of X^T, K-major for dW = G^T X. The dual
-    version gives both quantizations of X or G in two passes over it instead of three.
- 3. `int8_matmul`: C = (A @ B) * a_scale[:, None] * b_scale[None, :] (+ bias). The int8 products are
-    summed in int32 on tensor cores; the scales factor out of the sum because each runs along a
-    dimension the sum does not cover (the `int8` recipe in qgpt.py), so they are applied once, in
-    the epilogue, with the bias. A persistent kernel with tensor descriptors (TMA) serves K-major
-    operands, a pointer kernel any strides. int32 holds the sum only for K < 2^17 (all codes -128:
-    2^31 at K = 2^17); longer K is cut into chunks of MAX_K = 65,536 whose sums are added in fp32.
- 4. `adamw_lowbit_step`: one AdamW step with 8/4-bit block-wise moments in one pass over memory
+How it works, for one Linear Y = X W^T (X: M tokens x K features, W: N x K, G = dL/dY: M x N):
+ 1. `quantize_dual` reads X once and writes two int8 copies of it: row codes with one scale per
+    token, for Y = X W^T, and column codes with one scale per feature *and per group of
+    `token_group` consecutive tokens*, stored as X^T, for dW = G^T X. One launch: the programs
+    that take a tile of rows and those that take one group's columns are interleaved, so a group's
+    column programs find its rows in L2, just read from memory by its row programs. G gets the
+    same. Codes and scales are exactly
+    qgpt.quantize's (IEEE division, round half to even, clamp before the cast, NaN -> code 0 with a
+    NaN scale). With one group of all tokens the column scales are plain per-column scales.
+ 2. `int8_matmul`: C = sum over K-groups g of (A_g @ B_g) * a_scale_g[:, None] * b_scale_g[None, :]
+    (+ bias). int8 products are summed in int32 on tensor cores; the scales factor out of each
+    group's sum because each runs along a dimension the sum does not cover. The forward and dX have
+    one group (the scales apply once, in the epilogue, with the bias); dW = G^T X sums over tokens,
+    one group per token group, each group's int32 sum promoted to fp32 in the main loop. A
+    persistent kernel with tensor descriptors (TMA) serves K-major operands, a pointer kernel any
+    strides; block sizes come from MATMUL_TABLE, by shape (no autotuning unless asked).
+ 3. `adamw_lowbit_step`: one AdamW step with 8/4-bit block-wise moments in one pass over memory
     (decode, update in fp32, new block absmax, encode); qgpt.QAdamW's PyTorch step is its reference.
- 5. `TritonBackend` exposes them with qgpt.SimBackend's signatures, as PyTorch custom operators so
-    that the int8 recipe traces with torch.compile(fullgraph=True).
-Block sizes: autotuned on a GPU; fixed in Python under the interpreter (no driver there).
+ 4. `ReferenceBackend` and `TritonBackend`: the two operations qgpt's int8 recipe needs
+    (`quantize_dual`, `int8_matmul`), in PyTorch or on the kernels; the kernels are PyTorch custom
+    operators, so the recipe traces with torch.compile(fullgraph=True).
+int32 holds a sum of K products of int8 codes only for K < 2^17 (all codes -128: 2^31 at K = 2^17),
+so a K-group is at most MAX_K = 65,536 long; a longer single group is cut into groups of MAX_K
+that share its scales.
 """
 
 import math
@@ -32,65 +37,140 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # qgpt.py still runs; the Triton backend reports itself unavailable
+except ImportError:  # qgpt.py still runs on the references; the Triton backend says it is missing
     triton = tl = None
+
+MAX_K = 2 ** 16  # longest K-group: |int8 x int8| <= 2^14, so 2^16 of them fit in int32
 
 
 # ----------------------------------------------------------------------------------------------
-# References: plain PyTorch, same signatures as the kernels below.
-
-def quantize_rows_reference(x, bits=8, absmax_floor=1e-5):
-    """(M, K) float -> int8 codes (M, K), fp32 scale (M, 1); symmetric, one scale per row."""
-    qmax = 2 ** (bits - 1) - 1
-    xf = x.float()
-    scale = absmax_scale(xf.abs().amax(dim=1, keepdim=True), absmax_floor, qmax)  # (M, 1) fp32
-    codes = torch.round(xf / scale).clamp(-qmax - 1, qmax).nan_to_num(0.0).to(torch.int8)  # clamp, then cast
-    return codes, scale
-
+# References: plain PyTorch, the same signatures as the launchers below.
 
 def absmax_scale(absmax, absmax_floor, qmax):
-    """qgpt.quantize's scale: max(absmax, floor) / qmax (amax keeps NaN). A tensor divisor, as CUDA
+    """qgpt.quantize's scale: max(absmax, floor) / qmax (amax keeps NaN). A tensor divisor: CUDA
     divides by a Python number through its reciprocal, 1 ulp off IEEE division."""
     absmax = absmax.clamp(min=absmax_floor)
     return absmax / torch.full_like(absmax, qmax)
 
 
-def quantize_columns_reference(x, bits=8, absmax_floor=1e-5):
-    """(M, N) float -> int8 codes (M, N), fp32 scale (1, N); one scale per column."""
-    codes, scale = quantize_rows_reference(x.t(), bits, absmax_floor)
-    return codes.t(), scale.t()
+def quantize_rows_reference(x, bits=8, absmax_floor=1e-5):
+    """(M, K) float -> int8 codes (M, K), fp32 scale (M, 1): qgpt.quantize(x, bits, "row")."""
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    scale = absmax_scale(xf.abs().amax(dim=1, keepdim=True), absmax_floor, qmax)  # (M, 1) fp32
+    codes = torch.round(xf / scale).clamp(-qmax - 1, qmax)  # clamp while float: 128.0 would wrap
+    return codes.nan_to_num(0.0).to(torch.int8), scale
 
 
-def int8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32):
-    """(A @ B) * a_scale[:, None] * b_scale[None, :] + bias; A (M, K), B (K, N) int8.
+def token_groups(M, token_group):
+    """(group length, number of groups) for M rows: token_group 0 (or >= M) is one group."""
+    group = token_group if 0 < token_group < M else max(M, 1)
+    return group, -(-M // group)
 
-    out_dtype=torch.int32 returns the raw int32 sums. float64 holds them exactly (|sum| < 2^53).
+
+def quantize_dual_reference(x, bits=8, absmax_floor=1e-5, token_group=0, rows=True, columns=True):
+    """Both quantizations a Linear needs of X or G (M, K), as (rows, columns):
+      rows     int8 codes (M, K) and fp32 scale (M, 1): one scale per row (token)
+      columns  int8 codes of X^T (K, M), contiguous, and fp32 scale (J, K): one scale per column
+               and per group of `token_group` consecutive rows, J = ceil(M / token_group) groups
+               (0: one group of all rows, the last one may be shorter)
+    Each part is None when not asked for. Every group is quantize_rows_reference of its rows' x^T.
     """
-    acc = a.double() @ b.double()  # (M, N) exact integer sums
+    M, K = x.shape
+    group, n_groups = token_groups(M, token_group)
+    qmax = 2 ** (bits - 1) - 1
+    row_part = quantize_rows_reference(x, bits, absmax_floor) if rows else None
+    if not columns:
+        return row_part, None
+    xf = x.float()
+    if n_groups * group != M:  # a shorter last group: pad with zero rows (they change no absmax)
+        xf = F.pad(xf, (0, 0, 0, n_groups * group - M))
+    blocks = xf.view(n_groups, group, K)
+    scale = absmax_scale(blocks.abs().amax(dim=1), absmax_floor, qmax)  # (J, K) fp32
+    codes = torch.round(blocks / scale[:, None, :]).clamp(-qmax - 1, qmax).nan_to_num(0.0)
+    codes = codes.to(torch.int8).view(n_groups * group, K)[:M]  # (M, K) int8
+    return row_part, (codes.t().contiguous(), scale)  # X^T (K, M): rows contiguous for dW
+
+
+def dequantize_reference(codes, scale, k_group=0):
+    """(R, K) int8 codes, scales per row and K-group ((J, R), or (R, 1): one group) -> fp32."""
+    R, K = codes.shape
+    group, n_groups = token_groups(K, k_group)
+    per_column = scale.float().reshape(n_groups, R).t().repeat_interleave(group, dim=1)[:, :K]
+    return codes.float() * per_column
+
+
+def int8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_group=0):
+    """A (M, K) and B (K, N) int8 codes; K cut into J groups of k_group (0: one group).
+    a_scale (J, M) and b_scale (J, N) (one group: M and N elements in any shape):
+        C = sum over groups j, in order, of fp32(A[:, Kj] @ B[Kj, :]) * a_scale[j][:, None]
+            * b_scale[j][None, :]   (fp32, starting from 0), then + bias, then out_dtype.
+    The integer sums are exact (int32 in the kernels; here fp32 up to 1024 products, |sum| <= 2^24,
+    else float64). out_dtype=torch.int32 returns the raw sums of one group.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    group, n_groups = _k_groups(K, k_group)
     if out_dtype == torch.int32:
-        if acc.abs().max() >= 2 ** 31:
-            raise ValueError("the int32 sums overflow: ask for a float out_dtype")
-        return acc.to(torch.int32)
-    out = acc.float() * a_scale.view(-1, 1).float() * b_scale.view(1, -1).float()
-    return (out if bias is None else out + bias.float()).to(out_dtype)
+        if n_groups > 1:
+            raise ValueError(f"int32 output needs one K-group of at most {MAX_K}: the int32 sums "
+                             f"could overflow (K = {K}); ask for a float out_dtype")
+        return (a.double() @ b.double()).to(torch.int32)
+    exact = torch.float32 if group <= 1024 or a.device.type == "mps" else torch.float64
+    a_scale = _group_scales(a_scale, n_groups, M)
+    b_scale = _group_scales(b_scale, n_groups, N)
+    with torch.autocast(a.device.type, enabled=False):  # fp32, also inside a bf16 autocast
+        out = torch.zeros(M, N, device=a.device)
+        for j in range(n_groups):
+            ks = slice(j * group, (j + 1) * group)
+            partial = (a[:, ks].to(exact) @ b[ks].to(exact)).float()  # exact integers -> fp32
+            out = out + partial * a_scale[j].view(-1, 1) * b_scale[j].view(1, -1)
+        return (out if bias is None else out + bias.float()).to(out_dtype)
+
+
+def _k_groups(K, k_group):
+    """(group length, groups) along K; one group longer than MAX_K is cut into groups of MAX_K."""
+    if k_group > MAX_K:
+        raise ValueError(f"k_group {k_group} > {MAX_K}: its int32 sums could overflow")
+    group, n_groups = token_groups(K, k_group)
+    return (MAX_K, -(-K // MAX_K)) if group > MAX_K else (group, n_groups)
+
+
+def _group_scales(scale, n_groups, size):
+    """Scales as fp32 (groups, size); one set of scales is shared by every group."""
+    scale = scale.reshape(-1, size).float()
+    if scale.shape[0] == n_groups:
+        return scale
+    if scale.shape[0] != 1:
+        raise ValueError(f"{scale.shape[0]} groups of scales for {n_groups} K-groups")
+    return scale.expand(n_groups, size).contiguous()
 
 
 def compare(name, actual, expected, rtol=0.0, atol=0.0):
-    """Print and return whether two tensors are exact, close (within rtol/atol), or differ."""
+    """Print and return whether two tensors are exact, close (within rtol/atol), or differ; where
+    they differ, the first index with both values."""
     actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
     if actual.shape != expected.shape:
-        print(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+        print(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
         return False
-    diff = (actual.double() - expected.double()).abs()
+    a, e = actual.double(), expected.double()
+    same_nan = a.isnan() == e.isnan()
+    diff = (a - e).abs().nan_to_num(0.0)
+    bad = ~same_nan | (diff > atol + rtol * e.abs().nan_to_num(0.0))
+    exact = torch.equal(a.nan_to_num(0.0), e.nan_to_num(0.0)) and bool(same_nan.all())
     max_diff = diff.max().item() if diff.numel() else 0.0
-    exact = torch.equal(actual, expected)
-    close = exact or bool((diff <= atol + rtol * expected.double().abs()).all())
-    print(f"{name}: {'exact' if exact else 'close' if close else 'DIFFERENT'}, max |diff| {max_diff:.3g}")
-    return close
+    verdict = "exact" if exact else "close" if not bad.any() else "DIFFERENT"
+    where = ""
+    if bad.any():
+        i = tuple(int(v) for v in bad.nonzero()[0])
+        where = f"; first at {i}: got {actual[i].item()}, expected {expected[i].item()}"
+    print(f"{name}: {verdict}, max |diff| {max_diff:.3g}{where}")
+    return not bad.any()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,207 +187,256 @@ if triton is not None:
 
     @triton.jit
     def _codes(x, scale, qmax):
-        """int8 codes of x at one scale: qgpt.quantize's arithmetic, a NaN (x or scale) gives code 0."""
+        """int8 codes of x at one scale: qgpt.quantize's arithmetic; NaN (x or scale) -> code 0."""
         # div_rn: IEEE division, as torch does; Triton's `/` on fp32 is approximate on GPUs.
         t = _round_half_even(tl.math.div_rn(x, scale))
-        q = tl.minimum(tl.maximum(t, -qmax - 1.0), qmax)  # clamp before the cast; min/max drop NaN, so:
+        q = tl.minimum(tl.maximum(t, -qmax - 1.0), qmax)  # clamp before the cast; min/max drop NaN:
         return tl.where(t == t, q, 0.0).to(tl.int8)
 
     @triton.jit
     def _absmax(x, axis):
-        """max |x| along axis, NaN if any element is NaN (tl.max alone skips NaN, torch.amax does not)."""
+        """max |x| along axis, NaN if any element is NaN (tl.max skips NaN, torch.amax does not)."""
         has_nan = tl.max((x != x).to(tl.int32), axis=axis)
         return tl.where(has_nan > 0, float("nan"), tl.max(tl.abs(x), axis=axis))
+
+    @triton.jit
+    def _running_absmax(acc, x):
+        """Elementwise max(acc, |x|) that keeps a NaN once one is seen."""
+        return tl.where((x != x) | (acc != acc), float("nan"), tl.maximum(acc, tl.abs(x)))
 
     @triton.jit
     def _scale(absmax, absmax_floor, qmax):
         """absmax.clamp(min=floor) / qmax, as qgpt.quantize: a NaN absmax stays NaN."""
         return tl.math.div_rn(tl.where(absmax < absmax_floor, absmax_floor, absmax), qmax)
 
-    # SEAM: kernel_quantize
+    # SEAM: kernel_quantize_rows
     @triton.jit
-    def quantize_rows_kernel(
-            x_ptr, codes_ptr, scale_ptr,  # pointers
-            M, K,  # sizes
-            stride_xm, stride_xk, stride_cm, stride_ck,  # strides
-            qmax, absmax_floor,  # quantizer
-            BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr):  # meta-parameters
-        row = tl.program_id(0)
+    def _quantize_row_tile(x_ptr, codes_ptr, scale_ptr, rows, row_mask, K, stride_xm, stride_xk,
+                           qmax, absmax_floor, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr):
+        """Row quantization of the rows `rows` of x (M, K): qgpt.quantize(x, bits, "row") on them.
+
+        rows: (ROWS,) int32 row indices, row_mask: (ROWS,) which of them exist (only those are
+        read or written). x[m, k] is at x_ptr + m * stride_xm + k * stride_xk (any strides, any
+        float dtype: compute in fp32). Writes, for each row m: the fp32 scale
+        _scale(max_k |x[m, k]|, absmax_floor, qmax) at scale_ptr + m, and the int8 codes
+        _codes(x[m, k], scale, qmax) at codes_ptr + m * K + k (a contiguous (M, K) output). The
+        row is read in blocks of BLOCK_K columns (mask k < K): with SINGLE_PASS (BLOCK_K >= K) one
+        block holds it; otherwise a first pass takes the absmax over the blocks, keeping a NaN of
+        any block (_running_absmax), and a second pass writes the codes.
+        """
         offs_k = tl.arange(0, BLOCK_K)
-        x_row = x_ptr + row * stride_xm
-        c_row = codes_ptr + row * stride_cm
-        if SINGLE_PASS:  # the whole row fits in one block: one read, one write
-            mask = offs_k < K
-            x = tl.load(x_row + offs_k * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            scale = _scale(_absmax(x, 0), absmax_floor, qmax)
-            tl.store(c_row + offs_k * stride_ck, _codes(x, scale, qmax), mask=mask)
+        x_rows = x_ptr + rows[:, None] * stride_xm
+        c_rows = codes_ptr + rows[:, None] * K
+        if SINGLE_PASS:  # the whole row in one block: one read, one write
+            mask = row_mask[:, None] & (offs_k[None, :] < K)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            scale = _scale(_absmax(x, 1), absmax_floor, qmax)
+            tl.store(c_rows + offs_k[None, :], _codes(x, scale[:, None], qmax), mask=mask)
         else:
-            absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            absmax = tl.zeros((rows.shape[0], BLOCK_K), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                mask = k0 + offs_k < K
-                x = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-                absmax = tl.where((x != x) | (absmax != absmax), float("nan"), tl.maximum(absmax, tl.abs(x)))
-            scale = _scale(_absmax(absmax, 0), absmax_floor, qmax)
-            for k0 in range(0, K, BLOCK_K):
-                mask = k0 + offs_k < K
-                x = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-                tl.store(c_row + (k0 + offs_k) * stride_ck, _codes(x, scale, qmax), mask=mask)
-        tl.store(scale_ptr + row, scale)
+                mask = row_mask[:, None] & (k0 + offs_k[None, :] < K)
+                x = tl.load(x_rows + (k0 + offs_k[None, :]) * stride_xk, mask=mask, other=0.0)
+                absmax = _running_absmax(absmax, x.to(tl.float32))
+            scale = _scale(_absmax(absmax, 1), absmax_floor, qmax)
+            for k0 in range(0, K, BLOCK_K):  # the rows again: from L1/L2, just read
+                mask = row_mask[:, None] & (k0 + offs_k[None, :] < K)
+                x = tl.load(x_rows + (k0 + offs_k[None, :]) * stride_xk, mask=mask, other=0.0)
+                codes = _codes(x.to(tl.float32), scale[:, None], qmax)
+                tl.store(c_rows + k0 + offs_k[None, :], codes, mask=mask)
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
 
-    # SEAM: kernel_quantize
+    # SEAM: kernel_quantize_columns
     @triton.jit
-    def absmax_partials_kernel(
-            x_ptr, col_part_ptr, row_part_ptr,  # x (M, N); partial maxima (grid_m, N) and (M, grid_n)
-            M, N, stride_xm, stride_xn,
-            ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_ROWS: tl.constexpr):
-        # Pass 1 of the column (and dual) quantizer: a (ROWS, BLOCK_N) tile per program, so a tall
-        # tensor is spread over many programs; each writes its columns' max |x| over its ROWS rows
-        # (and, for the dual quantizer, each row's max over its BLOCK_N columns).
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_max = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for m0 in range(pid_m * ROWS, pid_m * ROWS + ROWS, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
-            x = x.to(tl.float32)
-            tile_max = _absmax(x, 0)
-            col_max = tl.where((tile_max != tile_max) | (col_max != col_max), float("nan"),
-                               tl.maximum(col_max, tile_max))
-            if WITH_ROWS:
-                tl.store(row_part_ptr + offs_m * tl.num_programs(1) + pid_n, _absmax(x, 1), mask=offs_m < M)
-        tl.store(col_part_ptr + pid_m * N + offs_n, col_max, mask=offs_n < N)
+    def _quantize_column_tile(x_ptr, colt_ptr, scale_ptr, group, row_start, row_end, cols, M, K,
+                              stride_xm, stride_xk, qmax, absmax_floor, BLOCK_M: tl.constexpr):
+        """Column quantization of one token group: x[row_start:row_end, cols] of x (M, K).
 
-    # SEAM: kernel_quantize
-    @triton.jit
-    def quantize_tiles_kernel(
-            x_ptr, col_scale_ptr, colt_codes_ptr, row_scale_ptr, row_codes_ptr,
-            M, N, stride_xm, stride_xn, qmax,
-            ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_ROWS: tl.constexpr):
-        # Pass 2: the same tiles read again, codes written with the finished scales. Column codes go
-        # to X^T (N, M), rows contiguous, so dW = G^T X reads both operands K-major.
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_scale = tl.load(col_scale_ptr + offs_n, mask=offs_n < N, other=1.0)
-        for m0 in range(pid_m * ROWS, pid_m * ROWS + ROWS, BLOCK_M):
+        cols: (BLOCK_N,) int32 column indices (those >= K do not exist). x[m, k] is at
+        x_ptr + m * stride_xm + k * stride_xk (any strides; compute in fp32). For each column k
+        the scale is _scale(max |x[m, k]| over the group's rows, absmax_floor, qmax), NaN kept
+        (_running_absmax), written at scale_ptr + group * K + k ((J, K) scales); the codes
+        _codes(x[m, k], scale, qmax) go to X^T: colt_ptr + k * M + m (a contiguous (K, M)
+        output, so dW = G^T X reads its operands K-major). Two passes over the group's rows in
+        blocks of BLOCK_M (mask row < row_end): the absmax, then the codes.
+        """
+        col_mask = cols < K
+        absmax = tl.zeros((BLOCK_M, cols.shape[0]), dtype=tl.float32)
+        for m0 in range(row_start, row_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
-            x = x.to(tl.float32)
-            tl.store(colt_codes_ptr + offs_n[None, :] * M + offs_m[:, None], _codes(x, col_scale[None, :], qmax),
-                     mask=mask)
-            if WITH_ROWS:
-                row_scale = tl.load(row_scale_ptr + offs_m, mask=offs_m < M, other=1.0)
-                tl.store(row_codes_ptr + offs_m[:, None] * N + offs_n[None, :], _codes(x, row_scale[:, None], qmax),
-                         mask=mask)
+            mask = (offs_m[:, None] < row_end) & col_mask[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                        other=0.0).to(tl.float32)
+            absmax = _running_absmax(absmax, x)
+        scale = _scale(_absmax(absmax, 0), absmax_floor, qmax)  # (BLOCK_N,)
+        tl.store(scale_ptr + group * K + cols, scale, mask=col_mask)
+        for m0 in range(row_start, row_end, BLOCK_M):  # the group again, from L1/L2
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = (offs_m[:, None] < row_end) & col_mask[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                        other=0.0).to(tl.float32)
+            codes = _codes(x, scale[None, :], qmax)
+            tl.store(colt_ptr + cols[None, :] * M + offs_m[:, None], codes, mask=mask)
+
+    @triton.jit
+    def quantize_dual_kernel(
+            x_ptr, row_codes_ptr, row_scale_ptr, colt_ptr, col_scale_ptr,  # pointers
+            M, K, stride_xm, stride_xk,  # x (M, K)
+            token_group, n_groups, row_items, col_items, lag,  # the schedule (see the launcher)
+            qmax, absmax_floor,  # quantizer
+            ROW_TILE: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+            COLUMNS: tl.constexpr):
+        # Program `item` of the schedule: item // (row_items + col_items) is its block s; the
+        # first row_items of a block take the row tiles of token group s, the next col_items the
+        # column tiles of group s - lag (lag 1 when both are made): a group's column tiles run
+        # just after its row tiles, so they read it from L2. No program waits for another.
+        item = tl.program_id(0)
+        block = item // (row_items + col_items)
+        r = item % (row_items + col_items)
+        if ROWS:
+            if (r < row_items) & (block < n_groups):
+                rows = block * token_group + r * ROW_TILE + tl.arange(0, ROW_TILE)
+                row_mask = (rows < M) & (rows < (block + 1) * token_group)
+                _quantize_row_tile(x_ptr, row_codes_ptr, row_scale_ptr, rows, row_mask, K,
+                                   stride_xm, stride_xk, qmax, absmax_floor, BLOCK_K, SINGLE_PASS)
+        if COLUMNS:
+            group = block - lag
+            if (r >= row_items) & (group >= 0) & (group < n_groups):
+                cols = (r - row_items) * BLOCK_N + tl.arange(0, BLOCK_N)
+                row_start = group * token_group
+                row_end = tl.minimum(row_start + token_group, M)
+                _quantize_column_tile(x_ptr, colt_ptr, col_scale_ptr, group, row_start, row_end,
+                                      cols, M, K, stride_xm, stride_xk, qmax, absmax_floor,
+                                      BLOCK_M)
 
     # SEAM: kernel_matmul
     @triton.jit
     def int8_matmul_kernel(
             a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,  # pointers
-            M, N, K,  # sizes
+            M, N, K, k_group,  # sizes; K is summed in groups of k_group (a multiple of BLOCK_K)
             stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,  # strides
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # meta-parameters
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             GROUP_M: tl.constexpr, DEQUANT: tl.constexpr, HAS_BIAS: tl.constexpr):
-        # Grouped tile order: GROUP_M row-tiles share their B columns while they sit in L2.
+        """One (BLOCK_M, BLOCK_N) tile of C = A @ B for int8 A (M, K), B (K, N), any strides.
+
+        Tile order: program pid takes tile (pid_m, pid_n) in groups of GROUP_M tile-rows (they
+        share B's columns in L2). K is walked in groups of k_group, each in blocks of BLOCK_K (mask
+        k < K, m < M, n < N; masked codes are 0): the group's products are summed in an int32
+        accumulator (tl.dot, out_dtype int32: exact); with DEQUANT the sum is then promoted,
+        out += fp32(sum) * a_scale[j, m] * b_scale[j, n] (fp32, in that order; j = the group's
+        index, a_scale (J, M) at a_scale_ptr + j * M + m, b_scale (J, N) at b_scale_ptr + j * N
+        + n), and after the last group + bias[n] (HAS_BIAS), cast to C's dtype, stored at
+        c_ptr + m * stride_cm + n * stride_cn. Without DEQUANT (one group only) the int32 sums
+        are stored as they are.
+        """
         pid = tl.program_id(0)
         num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_m = group_id * GROUP_M
+        first_m = (pid // num_pid_in_group) * GROUP_M
         group_rows = min(num_pid_m - first_m, GROUP_M)
         pid_m = first_m + (pid % num_pid_in_group) % group_rows
         pid_n = (pid % num_pid_in_group) // group_rows
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # int32: int8 products never overflow it
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (k0 + offs_k[None, :] < K), other=0)
-            b = tl.load(b_ptrs, mask=(k0 + offs_k[:, None] < K) & (offs_n[None, :] < N), other=0)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) int32 on tensor cores
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
         mask_m, mask_n = offs_m < M, offs_n < N
-        if DEQUANT:  # epilogue: int32 -> fp32, times both scales, plus bias, to the output dtype
-            a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
-            b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
-            out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for g0 in range(0, K, k_group):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # int32: exact for a group <= MAX_K
+            for k0 in range(g0, tl.minimum(g0 + k_group, K), BLOCK_K):
+                ks = k0 + offs_k
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                            mask=mask_m[:, None] & (ks[None, :] < K), other=0)
+                b = tl.load(b_ptr + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                            mask=(ks[:, None] < K) & mask_n[None, :], other=0)
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # on tensor cores
+            if DEQUANT:  # promote the group's sum with its scales
+                j = g0 // k_group
+                a_scale = tl.load(a_scale_ptr + j * M + offs_m, mask=mask_m, other=0.0)
+                b_scale = tl.load(b_scale_ptr + j * N + offs_n, mask=mask_n, other=0.0)
+                out += acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        if DEQUANT:
             if HAS_BIAS:
                 out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            out = out.to(c_ptr.dtype.element_ty)
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
         else:
-            out = acc
-        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out,
-                 mask=mask_m[:, None] & mask_n[None, :])
-
+            tl.store(c_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def int8_matmul_tma_kernel(
-            a_ptr, bt_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,  # A (M, K), B^T (N, K): rows contiguous
-            M, N, K,
+            a_ptr, bt_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,  # A (M, K), B^T (N, K)
+            M, N, K, k_group,
             stride_am, stride_btn, stride_cm,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, DEQUANT: tl.constexpr, HAS_BIAS: tl.constexpr):
-        # Persistent: one program per SM walks the tiles tile, tile + NUM_SMS, ...; tensor descriptors
-        # let the copy engine (TMA) move whole tiles and zero-fill past the edges, so no masks.
+            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, DEQUANT: tl.constexpr,
+            HAS_BIAS: tl.constexpr):
+        # int8_matmul_kernel's math for K-major A and B^T, persistent: one program per SM walks the
+        # tiles tile, tile + NUM_SMS, ...; tensor descriptors let the copy engine (TMA) move whole
+        # tiles and zero-fill past the edges, so no masks.
         a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
         bt_desc = tl.make_tensor_descriptor(bt_ptr, [N, K], [stride_btn, 1], [BLOCK_N, BLOCK_K])
         c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
         num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         num_pid_in_group = GROUP_M * num_pid_n
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
-            group_id = tile // num_pid_in_group
-            first_m = group_id * GROUP_M
+            first_m = (tile // num_pid_in_group) * GROUP_M
             group_rows = min(num_pid_m - first_m, GROUP_M)
             pid_m = first_m + (tile % num_pid_in_group) % group_rows
             pid_n = (tile % num_pid_in_group) // group_rows
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for k0 in range(0, K, BLOCK_K):
-                a = a_desc.load([pid_m * BLOCK_M, k0])
-                bt = bt_desc.load([pid_n * BLOCK_N, k0])
-                acc = tl.dot(a, bt.T, acc, out_dtype=tl.int32)
+            for g0 in range(0, K, k_group):
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+                for k0 in range(g0, tl.minimum(g0 + k_group, K), BLOCK_K):
+                    a = a_desc.load([pid_m * BLOCK_M, k0])
+                    bt = bt_desc.load([pid_n * BLOCK_N, k0])
+                    acc = tl.dot(a, bt.T, acc, out_dtype=tl.int32)
+                if DEQUANT:
+                    j = g0 // k_group
+                    a_scale = tl.load(a_scale_ptr + j * M + offs_m, mask=offs_m < M, other=0.0)
+                    b_scale = tl.load(b_scale_ptr + j * N + offs_n, mask=offs_n < N, other=0.0)
+                    out += acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
             if DEQUANT:
-                offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-                b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-                out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
                 if HAS_BIAS:
-                    out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+                    bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+                    out += bias.to(tl.float32)[None, :]
                 c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c_ptr.dtype.element_ty))
             else:
                 c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc)
 
-
     @triton.jit
-    def _decode_moment(codes_ptr, scale_ptr, rows, cols, row_mask,
-                       BITS: tl.constexpr, SIGNED: tl.constexpr, V_MAP: tl.constexpr, BLOCK: tl.constexpr):
+    def _decode_moment(codes_ptr, scale_ptr, rows, cols, row_mask, BITS: tl.constexpr,
+                       SIGNED: tl.constexpr, V_MAP: tl.constexpr, BLOCK: tl.constexpr):
         """(ROWS, BLOCK) fp32 moment from its codes: qgpt.decode_state's arithmetic."""
         if BITS == 8:
-            q = tl.load(codes_ptr + rows[:, None] * BLOCK + cols[None, :], mask=row_mask[:, None], other=0)
+            q = tl.load(codes_ptr + rows[:, None] * BLOCK + cols[None, :], mask=row_mask[:, None],
+                        other=0)
         else:  # two codes a byte, element 2j in the low nibble of byte j
             half = tl.arange(0, BLOCK // 2)
-            packed = tl.load(codes_ptr + rows[:, None] * (BLOCK // 2) + half[None, :], mask=row_mask[:, None], other=0)
+            packed = tl.load(codes_ptr + rows[:, None] * (BLOCK // 2) + half[None, :],
+                             mask=row_mask[:, None], other=0)
             q = tl.reshape(tl.join(packed & 15, packed >> 4), (rows.shape[0], BLOCK))
         scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
         q = q.to(tl.float32)
         if SIGNED:
             return (q - 2.0 ** (BITS - 1)) * scale
-        x = (q + (0.0 if V_MAP == 0 else 1.0)) * scale  # zero-free maps: code c means (c + 1) * scale
+        x = (q + (0.0 if V_MAP == 0 else 1.0)) * scale  # zero-free maps: code c is (c + 1) * scale
         return x * x if V_MAP == 2 else x
 
     @triton.jit
-    def _encode_moment(x, codes_ptr, scale_ptr, rows, cols, row_mask,
-                       BITS: tl.constexpr, SIGNED: tl.constexpr, V_MAP: tl.constexpr, BLOCK: tl.constexpr):
+    def _encode_moment(x, codes_ptr, scale_ptr, rows, cols, row_mask, BITS: tl.constexpr,
+                       SIGNED: tl.constexpr, V_MAP: tl.constexpr, BLOCK: tl.constexpr):
         """Store qgpt.encode_state's codes and per-block scales of the (ROWS, BLOCK) moment x."""
         if SIGNED:  # symmetric absmax codes, offset by 2^(b-1) into unsigned
             qmax = 2.0 ** (BITS - 1) - 1
             scale = _scale(_absmax(x, 1), 1e-30, qmax)
             q = _codes(x, scale[:, None], qmax).to(tl.int32) + 2 ** (BITS - 1)
-        else:  # v >= 0: all 2^b levels on [0, max] (linear), shifted up one step (zero-free), or of sqrt(v)
+        else:  # v >= 0: all 2^b levels on [0, max] (linear), up one step (zero-free), or of sqrt(v)
             u = tl.sqrt_rn(x) if V_MAP == 2 else x
             offset = 0.0 if V_MAP == 0 else 1.0
             levels = 2.0 ** BITS - 1
@@ -316,24 +445,25 @@ if triton is not None:
             q = tl.minimum(tl.maximum(t, 0.0), levels).to(tl.int32)
         tl.store(scale_ptr + rows, scale, mask=row_mask)
         if BITS == 8:
-            tl.store(codes_ptr + rows[:, None] * BLOCK + cols[None, :], q.to(tl.uint8), mask=row_mask[:, None])
+            tl.store(codes_ptr + rows[:, None] * BLOCK + cols[None, :], q.to(tl.uint8),
+                     mask=row_mask[:, None])
         else:
             low, high = tl.split(tl.reshape(q, (rows.shape[0], BLOCK // 2, 2)))
             half = tl.arange(0, BLOCK // 2)
-            tl.store(codes_ptr + rows[:, None] * (BLOCK // 2) + half[None, :], (low | (high << 4)).to(tl.uint8),
-                     mask=row_mask[:, None])
+            tl.store(codes_ptr + rows[:, None] * (BLOCK // 2) + half[None, :],
+                     (low | (high << 4)).to(tl.uint8), mask=row_mask[:, None])
 
     @triton.jit
     def adamw_lowbit_kernel(
             p_ptr, g_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr,  # pointers
             n, n_blocks,  # elements, blocks of BLOCK elements (the last one padded)
             decay, w1, c2, beta2, neg_step_size, bias_correction2_sqrt, eps,  # the step's scalars
-            M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_MAP: tl.constexpr, SMALL_W1: tl.constexpr,
-            BLOCK: tl.constexpr, ROWS: tl.constexpr):
-        # One pass over memory: a program takes ROWS blocks of BLOCK elements (one scale each), loads
-        # the parameter, the gradient and both moments' codes, decodes, does the AdamW update in fp32,
-        # and re-encodes the moments with their new block absmax. Operations in QAdamW's order, with
-        # fused multiply-adds where PyTorch's lerp_ and addcmul_ have them, so the results are equal.
+            M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_MAP: tl.constexpr,
+            SMALL_W1: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        # One pass over memory: a program takes ROWS blocks of BLOCK elements (one scale each),
+        # loads the parameter, the gradient and both moments' codes, decodes, does the AdamW
+        # update in fp32, and re-encodes the moments with their new block absmax. Operations in
+        # QAdamW's order, with fused multiply-adds where PyTorch's lerp_ and addcmul_ have them.
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         row_mask = rows < n_blocks
@@ -341,8 +471,10 @@ if triton is not None:
         mask = idx < n
         p = tl.load(p_ptr + idx, mask=mask, other=0.0)
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        m = _decode_moment(m_codes_ptr, m_scale_ptr, rows, cols, row_mask, M_BITS, True, V_MAP, BLOCK)
-        v = _decode_moment(v_codes_ptr, v_scale_ptr, rows, cols, row_mask, V_BITS, False, V_MAP, BLOCK)
+        m = _decode_moment(m_codes_ptr, m_scale_ptr, rows, cols, row_mask, M_BITS, True, V_MAP,
+                           BLOCK)
+        v = _decode_moment(v_codes_ptr, v_scale_ptr, rows, cols, row_mask, V_BITS, False, V_MAP,
+                           BLOCK)
         p = p * decay  # p.mul_(1 - lr * wd)
         if SMALL_W1:  # m.lerp_(g, w1), PyTorch's two branches
             m = tl.fma(w1, g - m, m)
@@ -354,61 +486,98 @@ if triton is not None:
         tl.store(p_ptr + idx, p, mask=mask)
         m = tl.where(mask, m, 0.0)  # the padding of the last block encodes zeros, as encode_state's
         v = tl.where(mask, v, 0.0)
-        _encode_moment(m, m_codes_ptr, m_scale_ptr, rows, cols, row_mask, M_BITS, True, V_MAP, BLOCK)
-        _encode_moment(v, v_codes_ptr, v_scale_ptr, rows, cols, row_mask, V_BITS, False, V_MAP, BLOCK)
+        _encode_moment(m, m_codes_ptr, m_scale_ptr, rows, cols, row_mask, M_BITS, True, V_MAP,
+                       BLOCK)
+        _encode_moment(v, v_codes_ptr, v_scale_ptr, rows, cols, row_mask, V_BITS, False, V_MAP,
+                       BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers: check inputs, allocate, launch.
+# Launchers: check inputs, allocate, launch. Block sizes are fixed, by shape: no autotuning.
 
 def _check_launchable(*tensors):
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton, or use the references")
     if tensors[0].device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1, set before kernels.py "
-                           "is imported")
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1, set before "
+                           "kernels.py is imported")
 
 
-_AUTOTUNED = {}
+# quantize_dual: ROW_ELEMENTS per row tile (BLOCK_K columns x ROW_TILE rows), column tiles of
+# BLOCK_N columns read BLOCK_M rows at a time. The interpreter's are small, so that the tests run
+# the multi-pass and ragged paths.
+QUANTIZE_BLOCKS = {
+    "gpu": dict(BLOCK_K=4096, ROW_ELEMENTS=8192, BLOCK_M=64, BLOCK_N=128, warps=8),
+    "interpreter": dict(BLOCK_K=64, ROW_ELEMENTS=256, BLOCK_M=8, BLOCK_N=16, warps=4)}
 
 
-MATMUL_CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
-    (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 128, 4, 8), (256, 128, 128, 4, 8),
-    (128, 256, 64, 4, 8), (256, 128, 64, 4, 8), (128, 128, 128, 4, 8), (128, 128, 128, 4, 4),
-    (128, 128, 128, 5, 4), (128, 128, 64, 5, 4), (128, 128, 256, 3, 8), (64, 256, 128, 4, 4),
-    (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 5, 4)]
+def quantize_dual(x, bits=8, absmax_floor=1e-5, token_group=0, rows=True, columns=True):
+    """Triton: quantize_dual_reference's (rows, columns) of x (M, K), any strides, one launch.
+
+    The schedule: J = ceil(M / token_group) groups; block s of programs holds the row tiles of
+    group s and the column tiles of group s - 1, so each group's column tiles run just after its
+    row tiles and read it again from L2, not from memory.
+    """
+    _check_launchable(x)
+    M, K = x.shape
+    group, n_groups = token_groups(M, token_group)
+    blocks = QUANTIZE_BLOCKS["gpu" if x.is_cuda else "interpreter"]
+    block_k = min(triton.next_power_of_2(max(K, 1)), blocks["BLOCK_K"])
+    row_tile = max(1, blocks["ROW_ELEMENTS"] // block_k)
+    row_items = triton.cdiv(group, row_tile) if rows else 0
+    col_items = triton.cdiv(K, blocks["BLOCK_N"]) if columns else 0
+    lag = 1 if rows and columns else 0
+
+    def empty(shape, dtype, wanted):
+        return torch.empty(shape if wanted else (0,), dtype=dtype, device=x.device)
+    row_codes, row_scale = empty((M, K), torch.int8, rows), empty((M, 1), torch.float32, rows)
+    colt_codes = empty((K, M), torch.int8, columns)
+    col_scale = empty((n_groups, K), torch.float32, columns)
+    if M * K:
+        grid = ((n_groups + lag) * (row_items + col_items),)
+        quantize_dual_kernel[grid](
+            x, row_codes, row_scale, colt_codes, col_scale, M, K, x.stride(0),
+            x.stride(1), group, n_groups, row_items, col_items, lag, float(2 ** (bits - 1) - 1),
+            absmax_floor, ROW_TILE=row_tile, BLOCK_K=block_k, SINGLE_PASS=block_k >= K,
+            BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], ROWS=rows, COLUMNS=columns,
+            num_warps=blocks["warps"])
+    return (row_codes, row_scale) if rows else None, (colt_codes, col_scale) if columns else None
 
 
-MAX_K = 2 ** 16  # int32 holds a sum of K int8 products (each |.| <= 2^14) for K < 2^17; longer K is chunked
-SMALL_MATMUL = 2 ** 28  # M * N * K below this: one fixed config (autotuning would cost more than it saves)
-SMALL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_stages=3, num_warps=4)
+def quantize_rows(x, bits=8, absmax_floor=1e-5):
+    """Triton: (M, K) float -> int8 codes (M, K), fp32 scale (M, 1). Any strides."""
+    return quantize_dual(x, bits, absmax_floor, rows=True, columns=False)[0]
 
 
-# On a GPU, no multiply-add contracted into an fma behind our back: the epilogues and the AdamW
-# update then round exactly as their PyTorch references (explicit tl.fma calls stay fused).
-EXACT = dict(enable_fp_fusion=False)
+def quantize_columns(x, bits=8, absmax_floor=1e-5):
+    """Triton: (M, K) float -> int8 codes (M, K) (a view of X^T's rows), fp32 scale (1, K)."""
+    colt_codes, scale = quantize_dual(x, bits, absmax_floor, rows=False, columns=True)[1]
+    return colt_codes.t(), scale
 
 
-def _prune(configs, named_args, **kwargs):
-    """Skip tiles much larger than the problem (they only pad)."""
-    M, N = named_args["M"], named_args["N"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, M) and c.kwargs["BLOCK_N"] <= max(64, N)]
-    return keep or configs
+# (M, N, K) -> (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the fastest of 15
+# configurations at GPT-2 small's shapes on an H100 (run 4; the dW shape 3072 x 768 x 16384 was
+# fastest on the pointer kernel). `python kernels.py --tune` measures them again and prints this.
+MATMUL_TABLE = {
+    (16384, 2304, 768): ("tma", 128, 128, 256, 3, 8),
+    (16384, 3072, 768): ("tma", 128, 256, 128, 3, 8),
+    (16384, 768, 3072): ("tma", 128, 256, 128, 3, 8),
+    (3072, 768, 16384): ("pointer", 128, 128, 64, 5, 4),
+    (16384, 50304, 768): ("tma", 256, 128, 128, 3, 8),
+    (4096, 3072, 768): ("tma", 128, 128, 128, 5, 4),
+    (8192, 8192, 8192): ("tma", 128, 256, 128, 3, 8),
+}
+SMALL_MATMUL = 2 ** 28  # M * N * K below this: small tiles
 
 
-def _tuned(name):
-    """A matmul kernel wrapped in triton.autotune, built on first GPU use (never on CPU)."""
-    if name not in _AUTOTUNED:
-        from triton.testing import do_bench
-        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                 num_stages=stages, num_warps=warps)
-                   for bm, bn, bk, stages, warps in MATMUL_CONFIGS]
-        kernel = int8_matmul_kernel if name == "pointer" else int8_matmul_tma_kernel
-        keys = ["M", "N", "K"] + (["stride_ak", "stride_bk"] if name == "pointer" else [])
-        _AUTOTUNED[name] = triton.autotune(
-            configs=configs, key=keys, prune_configs_by={"early_config_prune": _prune},
-            do_bench=lambda fn, quantiles: do_bench(fn, warmup=5, rep=20, quantiles=quantiles))(kernel)
-    return _AUTOTUNED[name]
+def matmul_config(M, N, K):
+    """MATMUL_TABLE's entry for the shape, else a rule: small tiles for small problems, 128 x 256
+    (N >= 2048) or 128 x 128 tiles of 128 along K, 3 stages, 8 warps."""
+    if (M, N, K) in MATMUL_TABLE:
+        return MATMUL_TABLE[(M, N, K)]
+    if M * N * K < SMALL_MATMUL:
+        return ("tma", 64, 64, 64, 3, 4)
+    return ("tma", 128, 256 if N >= 2048 else 128, 128, 3, 8)
 
 
 def _scratch(size, alignment, stream):
@@ -419,306 +588,213 @@ def _tma_ok(a, b, c):
     """TMA needs A and B^T with contiguous rows, 16-byte aligned row strides and base addresses."""
     return (a.stride(1) == 1 and b.stride(0) == 1 and c.stride(1) == 1
             and all(t.data_ptr() % 16 == 0 for t in (a, b, c))
-            and all((s * e) % 16 == 0 for s, e in [(a.stride(0), 1), (b.stride(1), 1), (c.stride(0), c.element_size())]))
+            and a.stride(0) % 16 == 0 and b.stride(1) % 16 == 0
+            and (c.stride(0) * c.element_size()) % 16 == 0)
 
 
-def quantize_rows(x, bits=8, absmax_floor=1e-5):
-    """Triton: (M, K) float -> int8 codes (M, K), fp32 scale (M, 1). Any strides."""
-    _check_launchable(x)
-    M, K = x.shape
-    codes = torch.empty((M, K), dtype=torch.int8, device=x.device)
-    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
-    block = min(triton.next_power_of_2(K), 8192 if x.is_cuda else 128)
-    quantize_rows_kernel[(M,)](x, codes, scale, M, K, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
-                               float(2 ** (bits - 1) - 1), absmax_floor, BLOCK_K=block, SINGLE_PASS=block >= K,
-                               num_warps=8 if block >= 2048 else 4)
-    return codes, scale
+_SMS = {}
 
 
-def quantize_columns(x, bits=8, absmax_floor=1e-5):
-    """Triton: (M, N) float -> int8 codes (M, N), fp32 scale (1, N). Any strides.
-
-    The codes are stored as the rows of X^T (N, M) and returned as its (M, N) view.
-    """
-    (colt_codes, col_scale), _ = _quantize_tiles(x, bits, absmax_floor, with_rows=False)
-    return colt_codes.t(), col_scale
+def _sm_count(device):
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
 
 
-def quantize_rows_and_columns(x, bits=8, absmax_floor=1e-5):
-    """Triton: both quantizations of (M, N) x in two passes over it (separately: three passes).
-
-    Returns ((row codes (M, N), row scale (M, 1)), (column codes as X^T (N, M), column scale (N, 1))):
-    each pair is the row quantization of x or of x^T, codes contiguous.
-    """
-    (colt_codes, col_scale), rows = _quantize_tiles(x, bits, absmax_floor, with_rows=True)
-    return rows, (colt_codes, col_scale.t())
+# On a GPU, no multiply-add contracted into an fma behind our back: the epilogues and the AdamW
+# update then round exactly as their PyTorch references (explicit tl.fma calls stay fused).
+EXACT = dict(enable_fp_fusion=False)
 
 
-def _quantize_tiles(x, bits, absmax_floor, with_rows):
-    _check_launchable(x)
-    M, N = x.shape
-    qmax = 2 ** (bits - 1) - 1
-    rows, block_m, block_n = (512, 64, 128) if x.is_cuda else (16, 8, 16)
-    grid = (triton.cdiv(M, rows), triton.cdiv(N, block_n))
-    meta = dict(ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, WITH_ROWS=with_rows)
-    col_part = torch.empty((grid[0], N), dtype=torch.float32, device=x.device)
-    row_part = torch.empty((M, grid[1]) if with_rows else (1,), dtype=torch.float32, device=x.device)
-    absmax_partials_kernel[grid](x, col_part, row_part, M, N, x.stride(0), x.stride(1), **meta)
+def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_group=0,
+                use_tma=None):
+    """Triton: int8_matmul_reference's C for A (M, K), B (K, N) int8, any strides; K in groups of
+    k_group (0: one group; more than one: k_group a power of two, at most MAX_K).
 
-    # the maxima of the partial maxima, then qgpt.quantize's scale
-    col_scale = absmax_scale(col_part.amax(dim=0, keepdim=True), absmax_floor, qmax)  # (1, N)
-    row_scale = absmax_scale(row_part.amax(dim=1, keepdim=True), absmax_floor, qmax) if with_rows else col_scale
-    colt_codes = torch.empty((N, M), dtype=torch.int8, device=x.device)
-    row_codes = torch.empty((M, N) if with_rows else (1,), dtype=torch.int8, device=x.device)
-    quantize_tiles_kernel[grid](x, col_scale, colt_codes, row_scale, row_codes, M, N, x.stride(0), x.stride(1),
-                                float(qmax), **meta)
-    return (colt_codes, col_scale), ((row_codes, row_scale) if with_rows else None)
-
-
-def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, use_tma=None):
-    """Triton: (A @ B) * a_scale[:, None] * b_scale[None, :] + bias; A (M, K), B (K, N) int8, any strides.
-
-    out_dtype=torch.int32 skips the epilogue and returns the raw int32 sums. use_tma=None picks the
-    persistent TMA kernel on a GPU when A's rows and B's columns are contiguous (K-major), else the
-    pointer kernel; True/False forces one (the interpreter runs both).
+    out_dtype=torch.int32 skips the epilogue and returns the raw int32 sums (one group).
+    use_tma=None picks the persistent TMA kernel on a GPU when MATMUL_TABLE says so and A's rows
+    and B's columns are contiguous (K-major), else the pointer kernel; True/False forces one.
     """
     _check_launchable(a, b)
     if a.dtype != torch.int8 or b.dtype != torch.int8 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"int8_matmul needs int8 A (M, K) and B (K, N), got {a.dtype} {tuple(a.shape)} and "
-                         f"{b.dtype} {tuple(b.shape)}")
+        raise ValueError(f"int8_matmul needs int8 A (M, K) and B (K, N), got {a.dtype} "
+                         f"{tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
     M, K = a.shape
     N = b.shape[1]
-    if K > MAX_K:  # chunks whose int32 sums cannot overflow, added in fp32
-        if out_dtype == torch.int32:
-            raise ValueError(f"int8_matmul: K = {K} > {MAX_K}, the int32 sums could overflow: ask for a float "
-                             f"out_dtype (it sums chunks of {MAX_K} in fp32)")
-        acc = sum(int8_matmul(a[:, k0:k0 + MAX_K], a_scale, b[k0:k0 + MAX_K], b_scale, out_dtype=torch.int32,
-                              use_tma=use_tma).float() for k0 in range(0, K, MAX_K))
-        out = acc * a_scale.reshape(-1, 1).float() * b_scale.reshape(1, -1).float()
-        return (out if bias is None else out + bias.float()).to(out_dtype)
-    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    group, n_groups = _k_groups(K, k_group)
     dequant = out_dtype != torch.int32
-    a_scale = a_scale.reshape(-1).float()  # (M,)
-    b_scale = b_scale.reshape(-1).float()  # (N,)
+    if not dequant and n_groups > 1:
+        raise ValueError(f"int32 output needs one K-group of at most {MAX_K}: the int32 sums "
+                         f"could overflow (K = {K}); ask for a float out_dtype")
+    if n_groups > 1 and group & (group - 1):
+        raise ValueError(f"k_group must be a power of two, got {group}")
+    a_scale, b_scale = _group_scales(a_scale, n_groups, M), _group_scales(b_scale, n_groups, N)
+    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M * N == 0:
+        return c
+    if K == 0:
+        return c.zero_() if bias is None else c.copy_(bias.expand(M, N))
     bias_arg = a_scale if bias is None else bias  # any pointer when HAS_BIAS is off
-    args = (a, b, c, a_scale, b_scale, bias_arg, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            c.stride(0), c.stride(1))
-    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
-    bk = 32 if K <= 256 else 512  # interpreter: fewer, longer steps along a long K
-    if use_tma is None:
-        use_tma = a.is_cuda and _tma_ok(a, b, c)
+    if a.is_cuda:
+        kernel, bm, bn, bk, stages, warps = matmul_config(M, N, K)
+        meta = dict(GROUP_M=8, num_stages=stages, num_warps=warps, **EXACT)
+        if use_tma is None:
+            use_tma = kernel == "tma" and _tma_ok(a, b, c)
+    else:  # the interpreter: small fixed blocks; fewer, longer steps along a long K
+        bm, bn, bk, meta = 32, 32, 32 if K <= 256 else 512, dict(GROUP_M=4)
+    # several groups: BLOCK_K must divide the group (both are powers of two); one: any K
+    meta.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, group) if n_groups > 1 else bk,
+                DEQUANT=dequant, HAS_BIAS=bias is not None)
+    tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
     if use_tma:
-        tma_args = (a, b, c, a_scale, b_scale, bias_arg, M, N, K, a.stride(0), b.stride(1), c.stride(0))
-        if a.is_cuda:
-            # device-side tensor descriptors need scratch memory; the allocator is per thread (the
-            # backward runs in autograd's own thread), so it is set at every launch
-            triton.set_allocator(_scratch)
-            sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-            if M * N * K < SMALL_MATMUL:
-                int8_matmul_tma_kernel[(min(sms, tiles(SMALL_CONFIG)),)](
-                    *tma_args, NUM_SMS=sms, DEQUANT=dequant, HAS_BIAS=bias is not None, **SMALL_CONFIG, **EXACT)
-            else:
-                _tuned("tma")[lambda meta: (min(sms, tiles(meta)),)](*tma_args, NUM_SMS=sms, DEQUANT=dequant,
-                                                                     HAS_BIAS=bias is not None, **EXACT)
-        else:  # interpreter: fixed blocks, two "SMs"
-            int8_matmul_tma_kernel[(2,)](*tma_args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, GROUP_M=4, NUM_SMS=2,
-                                         DEQUANT=dequant, HAS_BIAS=bias is not None)
-    elif a.is_cuda and M * N * K < SMALL_MATMUL:
-        int8_matmul_kernel[(tiles(SMALL_CONFIG),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None, **SMALL_CONFIG,
-                                                   **EXACT)
-    elif a.is_cuda:
-        _tuned("pointer")[lambda meta: (tiles(meta),)](*args, DEQUANT=dequant, HAS_BIAS=bias is not None, **EXACT)
-    else:  # interpreter: small fixed blocks (autotune needs a driver)
-        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
-        int8_matmul_kernel[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, GROUP_M=4, DEQUANT=dequant,
-                                 HAS_BIAS=bias is not None)
+        if a.is_cuda:  # device-side descriptors need scratch memory; the allocator is per thread
+            triton.set_allocator(_scratch)  # (the backward runs in autograd's), so set it each time
+        sms = _sm_count(a.device) if a.is_cuda else 2  # the interpreter: two "SMs"
+        int8_matmul_tma_kernel[(min(sms, tiles),)](
+            a, b, c, a_scale, b_scale, bias_arg, M, N, K, group, a.stride(0), b.stride(1),
+            c.stride(0), NUM_SMS=sms, **meta)
+    else:
+        int8_matmul_kernel[(tiles,)](
+            a, b, c, a_scale, b_scale, bias_arg, M, N, K, group, a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1), c.stride(0), c.stride(1), **meta)
     return c
 
 
 V_MAPS = {"linear": 0, "zerofree": 1, "sqrt": 2}
 
 
-def adamw_lowbit_step(p, grad, m_state, v_state, m_bits, v_bits, v_map, block_size, step, lr, beta1, beta2, eps,
-                      weight_decay):
-    """Triton: one AdamW step of p in place, with 8/4-bit block-wise moments {"codes", "scale"} updated in
-    place; qgpt.QAdamW's PyTorch step is the reference. block_size: a power of two >= 2."""
+def adamw_lowbit_step(p, grad, m_state, v_state, m_bits, v_bits, v_map, block_size, step, lr,
+                      beta1, beta2, eps, weight_decay):
+    """Triton: one AdamW step of p in place, with 8/4-bit block-wise moments {"codes", "scale"}
+    updated in place; qgpt.QAdamW's PyTorch step is the reference. block_size: a power of two."""
     _check_launchable(p)
     n = p.numel()
     n_blocks = m_state["scale"].shape[0]
     rows = 8 if p.is_cuda else 4
-    w1 = float(torch.tensor(1 - beta1, dtype=torch.float32))  # the fp32 weight PyTorch's lerp_ compares
+    w1 = float(torch.tensor(1 - beta1, dtype=torch.float32))  # the fp32 weight lerp_ compares
     adamw_lowbit_kernel[(triton.cdiv(n_blocks, rows),)](
-        p, grad, m_state["codes"], m_state["scale"], v_state["codes"], v_state["scale"], n, n_blocks,
-        1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, -lr / (1 - beta1 ** step),
+        p, grad, m_state["codes"], m_state["scale"], v_state["codes"], v_state["scale"], n,
+        n_blocks, 1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, -lr / (1 - beta1 ** step),
         math.sqrt(1 - beta2 ** step), eps, M_BITS=m_bits, V_BITS=v_bits, V_MAP=V_MAPS[v_map],
         SMALL_W1=abs(w1) < 0.5, BLOCK=block_size, ROWS=rows, **(EXACT if p.is_cuda else {}))
-    torch.autograd.graph.increment_version(p)  # p changed behind autograd's back: say so (weight caches)
-
-
-# PyTorch custom operators: torch.compile sees each launcher as one opaque op (with a fake version
-# that only says the output shapes), so the int8 recipe traces with fullgraph=True.
-
-@torch.library.custom_op("qgpt::quantize_rows", mutates_args=())
-def quantize_rows_op(x: torch.Tensor, bits: int, absmax_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_rows(x, bits, absmax_floor)
-
-
-@quantize_rows_op.register_fake
-def _(x, bits, absmax_floor):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
-
-
-@torch.library.custom_op("qgpt::quantize_columns", mutates_args=())
-def quantize_columns_op(x: torch.Tensor, bits: int, absmax_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of x^T: codes (K, M) contiguous, scales (K, 1)."""
-    codes, scale = quantize_columns(x, bits, absmax_floor)
-    return codes.t(), scale.t()
-
-
-@quantize_columns_op.register_fake
-def _(x, bits, absmax_floor):
-    return x.new_empty((x.shape[1], x.shape[0]), dtype=torch.int8), x.new_empty((x.shape[1], 1), dtype=torch.float32)
-
-
-@torch.library.custom_op("qgpt::int8_matmul", mutates_args=())
-def int8_matmul_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    return int8_matmul(a, a_scale, b, b_scale, bias, out_dtype)
-
-
-@int8_matmul_op.register_fake
-def _(a, a_scale, b, b_scale, bias, out_dtype):
-    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
-
-
-@torch.library.custom_op("qgpt::quantize_both", mutates_args=())
-def quantize_both_op(x: torch.Tensor, bits: int, absmax_floor: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                torch.Tensor, torch.Tensor]:
-    """Row codes of x (M, K) and of x^T (K, M), contiguous, with their scales: two passes over x."""
-    (codes, scale), (t_codes, t_scale) = quantize_rows_and_columns(x, bits, absmax_floor)
-    return codes, scale, t_codes, t_scale
-
-
-@quantize_both_op.register_fake
-def _(x, bits, absmax_floor):
-    M, K = x.shape
-    return (x.new_empty((M, K), dtype=torch.int8), x.new_empty((M, 1), dtype=torch.float32),
-            x.new_empty((K, M), dtype=torch.int8), x.new_empty((K, 1), dtype=torch.float32))
-
-
-class TritonBackend:
-    """qgpt's int8 backend on Triton kernels; same signatures as qgpt.SimBackend.
-
-    inductor_quantize: under torch.compile, quantize with the PyTorch reference instead of the Triton
-    kernels, so that inductor can fuse X's quantization into the LayerNorm or GELU producing X (one
-    pass over X fewer); the int8 matmuls stay Triton. Off by default: inductor's generated division
-    may round differently from the kernels' IEEE division, so codes can differ at rounding ties.
-    """
-    name = "triton"
-    inductor_quantize = False
-
-    @staticmethod
-    def quantize_rows(x, bits, absmax_floor):
-        if TritonBackend.inductor_quantize and torch.compiler.is_compiling():
-            codes, scale = quantize_rows_reference(x, bits, absmax_floor)
-            return codes.contiguous(), scale  # K-major for the matmul, as the kernels store them
-        return quantize_rows_op(x, bits, absmax_floor)
-
-    @staticmethod
-    def quantize_columns(x, bits, absmax_floor):
-        if TritonBackend.inductor_quantize and torch.compiler.is_compiling():
-            return TritonBackend.quantize_rows(x.t(), bits, absmax_floor)
-        return quantize_columns_op(x, bits, absmax_floor)
-
-    @staticmethod
-    def quantize_both(x, bits, absmax_floor):
-        if TritonBackend.inductor_quantize and torch.compiler.is_compiling():
-            return TritonBackend.quantize_rows(x, bits, absmax_floor), TritonBackend.quantize_columns(x, bits,
-                                                                                                    absmax_floor)
-        codes, scale, t_codes, t_scale = quantize_both_op(x, bits, absmax_floor)
-        return (codes, scale), (t_codes, t_scale)
-
-    @staticmethod
-    def int8_matmul(a_codes, a_scale, b_codes, b_scale, bias=None, out_dtype=torch.float32):
-        return int8_matmul_op(a_codes, a_scale, b_codes, b_scale, bias, out_dtype)
+    torch.autograd.graph.increment_version(p)  # p changed behind autograd's back: say so
 
 
 # ----------------------------------------------------------------------------------------------
-# python kernels.py: correctness check, then (GPU) the benchmark table.
+# The int8 recipe's two operations, on the references or on the kernels.
+
+class ReferenceBackend:
+    """qgpt's int8 recipe in plain PyTorch (the simulation): TritonBackend gives the same bits."""
+    name = "sim"
+    quantize_dual = staticmethod(quantize_dual_reference)
+    int8_matmul = staticmethod(int8_matmul_reference)
+
+
+if triton is not None:  # PyTorch custom operators: torch.compile sees each launcher as one op
+
+    @torch.library.custom_op("qgpt::quantize_dual", mutates_args=())
+    def quantize_dual_op(x: torch.Tensor, bits: int, absmax_floor: float, token_group: int,
+                         rows: bool, columns: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        none = (x.new_empty((0,)), x.new_empty((0,)))  # an operator returns tensors only
+        row_part, column_part = quantize_dual(x, bits, absmax_floor, token_group, rows, columns)
+        return (*(row_part or none), *(column_part or none))
+
+    @quantize_dual_op.register_fake
+    def _(x, bits, absmax_floor, token_group, rows, columns):
+        M, K = x.shape
+        n_groups = token_groups(M, token_group)[1]
+
+        def empty(shape, dtype, wanted):
+            return x.new_empty(shape if wanted else (0,), dtype=dtype)
+        return (empty((M, K), torch.int8, rows), empty((M, 1), torch.float32, rows),
+                empty((K, M), torch.int8, columns), empty((n_groups, K), torch.float32, columns))
+
+    @torch.library.custom_op("qgpt::int8_matmul", mutates_args=())
+    def int8_matmul_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+                       b_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                       k_group: int) -> torch.Tensor:
+        return int8_matmul(a, a_scale, b, b_scale, bias, out_dtype, k_group)
+
+    @int8_matmul_op.register_fake
+    def _(a, a_scale, b, b_scale, bias, out_dtype, k_group):
+        return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+class TritonBackend:
+    """qgpt's int8 recipe on the Triton kernels; the same signatures as ReferenceBackend."""
+    name = "triton"
+
+    @staticmethod
+    def quantize_dual(x, bits, absmax_floor, token_group=0, rows=True, columns=True):
+        row_codes, row_scale, colt_codes, col_scale = quantize_dual_op(
+            x, bits, absmax_floor, token_group, rows, columns)
+        return (row_codes, row_scale) if rows else None, (colt_codes, col_scale) if columns else None
+
+    @staticmethod
+    def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_group=0):
+        return int8_matmul_op(a, a_scale, b, b_scale, bias, out_dtype, k_group)
+
+
+# ----------------------------------------------------------------------------------------------
+# python kernels.py: the check, then (GPU) the benchmark tables; --tune: the matmul table.
 
 def check(device):
     """Every kernel against its reference, exact where the math is exact; prints each comparison."""
     torch.manual_seed(0)
     ok = True
-    for M, K, N in [(1, 1, 1), (37, 70, 19), (130, 96, 67), (200, 96, 80)] + ([(4096, 768, 3072)] if device == "cuda" else []):
+    shapes = [(1, 1, 1), (37, 70, 19), (130, 96, 67), (200, 300, 80)]
+    for M, K, N in shapes + ([(4096, 768, 3072)] if device == "cuda" else []):
         x = torch.randn(M, K, device=device) * torch.rand(M, 1, device=device) * 3
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=device)
-        b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device).t()  # column-major B
+        b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device).t()  # K-major B
         a_scale, b_scale = torch.rand(M, device=device), torch.rand(N, device=device)
         shape = f"{M}x{K}x{N}"
-        for name, got, want in [
-                (f"quantize_rows {shape}", quantize_rows(x), quantize_rows_reference(x)),
-                (f"quantize_columns {shape}", quantize_columns(x), quantize_columns_reference(x)),
-                (f"int8_matmul int32 {shape}", [int8_matmul(a, a_scale, b, b_scale, out_dtype=torch.int32)],
-                 [int8_matmul_reference(a, a_scale, b, b_scale, out_dtype=torch.int32)])]:
-            parts = ["codes", "scale"] if len(got) == 2 else [""]
-            ok &= all(compare(f"{name} {part}".strip(), g, w) for part, g, w in zip(parts, got, want))
-        c = torch.empty(M, N, device=device)
-        if _tma_ok(a, b, c) and _tma_ok(a, b, c.int()):  # the persistent TMA kernel, where its layout allows
-            ok &= compare(f"int8_matmul tma int32 {shape}", int8_matmul(a, a_scale, b, b_scale, out_dtype=torch.int32,
-                                                                          use_tma=True),
-                          int8_matmul_reference(a, a_scale, b, b_scale, out_dtype=torch.int32))
-            ok &= compare(f"int8_matmul tma epilogue {shape}", int8_matmul(a, a_scale, b, b_scale, use_tma=True),
-                          int8_matmul_reference(a, a_scale, b, b_scale), rtol=1e-6, atol=1e-6)
-        # the epilogue: the same fp32 operations; 1e-6 leaves room for a fused multiply-add
+        for group in (0, 64):
+            got = quantize_dual(x, token_group=group)
+            want = quantize_dual_reference(x, token_group=group)
+            for part, g, w in [("row codes", got[0][0], want[0][0]), ("row scales", got[0][1],
+                               want[0][1]), ("column codes", got[1][0], want[1][0]),
+                               ("column scales", got[1][1], want[1][1])]:
+                ok &= compare(f"quantize_dual {M}x{K} group {group} {part}", g, w)
+        ok &= compare(f"int8_matmul int32 {shape}", int8_matmul(a, a_scale, b, b_scale,
+                      out_dtype=torch.int32), int8_matmul_reference(a, a_scale, b, b_scale,
+                                                                    out_dtype=torch.int32))
+        # the epilogue: the same fp32 operations in the same order: exact
         ok &= compare(f"int8_matmul epilogue {shape}", int8_matmul(a, a_scale, b, b_scale),
-                      int8_matmul_reference(a, a_scale, b, b_scale), rtol=1e-6, atol=1e-6)
-        (rows, row_scale), (cols_t, col_scale) = quantize_rows_and_columns(x)
-        ok &= all(compare(f"quantize_rows_and_columns {shape} {name}", got, want) for name, got, want in
-                  [("rows", rows, quantize_rows_reference(x)[0]), ("columns", cols_t, quantize_rows_reference(x.t())[0]),
-                   ("row scales", row_scale, quantize_rows_reference(x)[1]),
-                   ("column scales", col_scale, quantize_rows_reference(x.t())[1])])
-    return ok & check_adamw(device)
-
-
-def check_adamw(device):
-    """The fused AdamW kernel against qgpt.QAdamW's PyTorch step, 3 steps, 8 and 4 bits, a ragged size."""
-    import qgpt
-    ok = True
-    for bits in (8, 4):
-        results = []
-        for fused in (False, True):
-            torch.manual_seed(0)
-            p = torch.nn.Parameter(torch.randn(37, 50, device=device) * 0.02)
-            opt = qgpt.QAdamW([p], lr=1e-2, weight_decay=0.1, m_bits=bits, v_bits=bits, min_size=1, fused=fused)
-            for _ in range(3):
-                p.grad = torch.randn_like(p) * 0.01
-                opt.step()
-            results.append([p.detach(), opt.state[p]["m"]["codes"], opt.state[p]["v"]["codes"]])
-        for name, got, want in zip(["parameter", "m codes", "v codes"], results[1], results[0]):
-            # exact under the interpreter; on a GPU PyTorch's own kernels round some steps differently
-            tol = 0 if device == "cpu" else (1e-5 if name == "parameter" else 1)
-            ok &= compare(f"adamw_lowbit_step {bits}-bit {name}", got.double(), want.double(), rtol=tol, atol=tol * 1e-3)
+                      int8_matmul_reference(a, a_scale, b, b_scale))
+        if K >= 32:  # K in groups of 16, scales per group
+            ga, gb = torch.rand(-(-K // 16), M, device=device), torch.rand(-(-K // 16), N,
+                                                                             device=device)
+            ok &= compare(f"int8_matmul 16-groups {shape}", int8_matmul(a, ga, b, gb, k_group=16),
+                          int8_matmul_reference(a, ga, b, gb, k_group=16))
+        c = torch.empty(M, N, device=device)
+        if _tma_ok(a, b, c) and _tma_ok(a, b, c.int()):  # the TMA kernel, where its layout allows
+            ok &= compare(f"int8_matmul tma epilogue {shape}", int8_matmul(a, a_scale, b, b_scale,
+                          use_tma=True), int8_matmul_reference(a, a_scale, b, b_scale))
     return ok
 
 
 def benchmark():
-    """Throughput of every matmul path at GPT-2 shapes, in one run; then the quantize kernels' bandwidth."""
+    """Every matmul path at GPT-2 shapes, in one run; then the quantizers' bandwidth."""
     from triton.testing import do_bench
     props = torch.cuda.get_device_properties(0)
-    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}; Y[M,N] = X[M,K] @ W[K,N], "
-          f"operands K-major; TFLOP/s (bf16, fp8) or TOP/s (int8), median of do_bench")
-    print(f"{'M':>6} {'K':>6} {'N':>6} | {'bf16':>5} {'_int_mm':>7} {'fp8':>5} {'ptr':>5} {'tma':>5} | "
-          f"{'ptr/bf16':>8} {'tma/bf16':>8}  use")
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}; Y[M,N] = "
+          f"X[M,K] @ W[K,N], operands K-major; TFLOP/s (bf16, fp8) or TOP/s (int8), median")
+    print(f"{'M':>6} {'K':>6} {'N':>6} | {'bf16':>5} {'_int_mm':>7} {'fp8':>5} {'ptr':>5} "
+          f"{'tma':>5} | {'ptr/bf16':>8} {'tma/bf16':>8}")
     shapes = [(16384, 768, 2304), (16384, 768, 3072), (16384, 3072, 768), (3072, 16384, 768),
               (16384, 768, 50304), (8192, 8192, 8192)]
     for M, K, N in shapes:
-        x, wt = torch.randn(M, K, device="cuda", dtype=torch.bfloat16), torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        wt = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         w = wt.t()  # (K, N), K-major, as a Linear's weight
         a, a_scale = quantize_rows(x)
         bt, b_scale = quantize_rows(wt)
         b = bt.t()
-        rate = lambda fn: 2 * M * N * K / do_bench(fn, return_mode="median") / 1e9  # noqa: E731
+
+        def rate(fn):
+            return 2 * M * N * K / do_bench(fn, return_mode="median") / 1e9
         t_bf16 = rate(lambda: x @ w)
         t_int = rate(lambda: torch._int_mm(a, b))
         try:
@@ -727,61 +803,85 @@ def benchmark():
             t_fp8 = rate(lambda: torch._scaled_mm(x8, w8, one, one, out_dtype=torch.bfloat16))
         except (RuntimeError, AttributeError):
             t_fp8 = float("nan")
-        t_ptr = rate(lambda: int8_matmul(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, use_tma=False))
-        t_tma = rate(lambda: int8_matmul(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, use_tma=True))
-        best = "tma" if t_tma >= t_ptr else "ptr"
-        print(f"{M:>6} {K:>6} {N:>6} | {t_bf16:5.0f} {t_int:7.0f} {t_fp8:5.0f} {t_ptr:5.0f} {t_tma:5.0f} | "
-              f"{t_ptr / t_bf16:8.2f} {t_tma / t_bf16:8.2f}  {best}", flush=True)
-    for name in ("pointer", "tma"):
-        for key, config in getattr(_AUTOTUNED.get(name), "cache", {}).items():
-            print(f"  best {name} config for {key[:3]}: {config}")
+        t_ptr = rate(lambda: int8_matmul(a, a_scale, b, b_scale, None, torch.bfloat16,
+                                         use_tma=False))
+        t_tma = rate(lambda: int8_matmul(a, a_scale, b, b_scale, None, torch.bfloat16,
+                                         use_tma=True))
+        print(f"{M:>6} {K:>6} {N:>6} | {t_bf16:5.0f} {t_int:7.0f} {t_fp8:5.0f} {t_ptr:5.0f} "
+              f"{t_tma:5.0f} | {t_ptr / t_bf16:8.2f} {t_tma / t_bf16:8.2f}", flush=True)
+    print("quantize_dual: TB/s counts x read once and both codes written once")
+    compiled_rows = torch.compile(quantize_rows_reference)
     for M, K in [(16384, 768), (16384, 3072)]:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        moved = x.numel() * 3  # bf16 read + int8 write (scales are noise)
-        for name, fn in [("quantize_rows", quantize_rows), ("quantize_columns", quantize_columns),
-                         ("reference rows (eager)", quantize_rows_reference),
-                         ("reference rows (compiled)", torch.compile(quantize_rows_reference))]:
-            ms = do_bench(lambda: fn(x), return_mode="median")
-            print(f"{name:26s} {M}x{K} bf16: {ms * 1e3:6.1f} us, {moved / ms / 1e9:5.2f} TB/s", flush=True)
-        ms = do_bench(lambda: quantize_rows_and_columns(x), return_mode="median")  # reads x twice, writes 2 codes
-        print(f"{'quantize_rows_and_columns':26s} {M}x{K} bf16: {ms * 1e3:6.1f} us, "
-              f"{x.numel() * 6 / ms / 1e9:5.2f} TB/s", flush=True)
-    benchmark_adamw()
+        for name, fn, moved in [
+                ("rows", lambda: quantize_rows(x), 3),
+                ("rows + columns, groups of 1024", lambda: quantize_dual(x, token_group=1024), 4),
+                ("reference rows (compiled)", lambda: compiled_rows(x), 3)]:
+            ms = do_bench(fn, return_mode="median")
+            print(f"  {name:32s} {M}x{K} bf16: {ms * 1e3:6.1f} us, "
+                  f"{x.numel() * moved / ms / 1e9:5.2f} TB/s", flush=True)
 
 
-def benchmark_adamw():
-    """One optimizer step over GPT-2 small's 2-D weights: torch's fused AdamW (fp32 states) vs the
-    fused low-bit kernel, in GB/s of parameter, gradient and state traffic."""
-    import qgpt
+def matmul_shapes(widths=(768, 1024, 1600), tokens=16384):
+    """(M, N, K) of the forward, dX and dW matmuls of GPT-2's four Linears at these widths."""
+    shapes = []
+    for d in widths:
+        for n_in, n_out in [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]:
+            shapes += [(tokens, n_out, n_in), (tokens, n_in, n_out), (n_out, n_in, tokens)]
+    return sorted(set(shapes))
+
+
+def tune(token_group=1024):
+    """Autotune both matmul kernels over a grid of block sizes at GPT-2's shapes (dW with K-groups
+    of token_group); print the fastest as a MATMUL_TABLE to paste above."""
     from triton.testing import do_bench
-    shapes = [(50304, 768)] + [(768, 2304), (768, 768), (3072, 768), (768, 3072)] * 12
-    print(f"AdamW step over GPT-2 small's {len(shapes)} weight matrices (fp32 parameters and gradients)")
-    for name, make, state_bytes in [
-            ("torch.optim.AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), 16),
-            ("QAdamW 8-bit (Triton)", lambda ps: qgpt.QAdamW(ps, lr=1e-3, m_bits=8, v_bits=8), 4),
-            ("QAdamW 4-bit (Triton)", lambda ps: qgpt.QAdamW(ps, lr=1e-3, m_bits=4, v_bits=4), 2)]:
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
-        for q in params:
-            q.grad = torch.randn_like(q) * 1e-3
-        opt = make(params)
-        n = sum(q.numel() for q in params)
-        ms = do_bench(opt.step, return_mode="median")
-        moved = n * (8 + 4 + state_bytes)  # p read + write, grad read, m and v read + write
-        print(f"  {name:26s} {n / 1e6:.1f}M parameters: {ms:6.2f} ms, {moved / ms / 1e6:6.0f} GB/s", flush=True)
+    grid = [(bm, bn, bk, s, w) for bm, bn, bk, s, w in [
+        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 128, 4, 8), (128, 128, 256, 3, 8),
+        (128, 128, 128, 4, 4), (128, 128, 64, 5, 4), (64, 256, 128, 4, 4), (128, 64, 128, 4, 4)]]
+    print("MATMUL_TABLE = {")
+    for M, N, K in matmul_shapes():
+        group = token_group if K == 16384 else 0
+        a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
+        b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda").t()
+        J = _k_groups(K, group)[1]
+        sa, sb = torch.rand(J, M, device="cuda"), torch.rand(J, N, device="cuda")
+        best = None
+        for kernel in ("tma", "pointer"):
+            for bm, bn, bk, stages, warps in grid:
+                MATMUL_TABLE[(M, N, K)] = (kernel, bm, bn, bk, stages, warps)
+                try:
+                    ms = do_bench(lambda: int8_matmul(a, sa, b, sb, None, torch.bfloat16, group,
+                                                      use_tma=kernel == "tma"), warmup=5, rep=20)
+                except Exception:  # a configuration that does not fit this GPU's shared memory
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, MATMUL_TABLE[(M, N, K)])
+        MATMUL_TABLE[(M, N, K)] = best[1]
+        print(f"    ({M}, {N}, {K}): {best[1]},  # {2 * M * N * K / best[0] / 1e9:.0f} TOP/s",
+              flush=True)
+    print("}")
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     if triton is None:
         print("triton is not installed: pip install triton")
         return 1
     if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter must be on before the kernels exist
+        if "--tune" in argv:
+            print("--tune needs a CUDA GPU")
+            return 1
+        if os.environ.get("TRITON_INTERPRET") != "1":  # before the kernels are defined
             print("no CUDA GPU: checking the kernels under Triton's interpreter (no benchmark)")
-            os.execve(sys.executable, [sys.executable, __file__], {**os.environ, "TRITON_INTERPRET": "1"})
+            os.execve(sys.executable, [sys.executable, __file__, *argv],
+                      {**os.environ, "TRITON_INTERPRET": "1"})
         ok = check("cpu")
-        print("every kernel matches its reference" if ok else "SOME KERNELS DIFFER from their references (see above)")
+        print("every kernel matches its reference" if ok else
+              "SOME KERNELS DIFFER from their references (see above)")
         return 0 if ok else 1
+    if "--tune" in argv:
+        tune()
+        return 0
     if not check("cuda"):
         print("SOME KERNELS DIFFER from their references (see above)")
         return 1

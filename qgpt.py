@@ -1,46 +1,41 @@
 """
 qgpt: quantized pre-training of GPT-2, in one readable file.
 
-A reference implementation of Chitsaz, Fournier, Mordido, Chandar, "Exploring Quantization for
-Efficient Pre-Training of Transformer Language Models" (EMNLP Findings 2024), that goes further
-than the paper: the paper only *simulates* quantization; qgpt also stores Adam states in real 8-
-and 4-bit codes and (with kernels.py, on a GPU) runs the Linears on int8 tensor cores.
+Chitsaz, Fournier, Mordido, Chandar, "Exploring Quantization for Efficient Pre-Training of
+Transformer Language Models" (EMNLP Findings 2024) quantizes the weights, activations and
+gradients of GPT-2's Linear layers, and Adam's moments, and measures what each costs in loss. The
+paper *simulates* quantization; qgpt runs that simulation, and also stores Adam's moments as real
+8- and 4-bit codes and (with kernels.py, on a GPU) runs the Linears on int8 tensor cores.
 
-Run it:
-    python prepare_data.py --tokenizer char       # offline Shakespeare, character level
-    python qgpt.py                                 # CPU baseline, about 2 minutes
-    python qgpt.py --wbits 8 --abits 8             # the paper's w8a8 (simulated)
-    python qgpt.py --preset w8a8g8,m8              # presets combine with commas
-    python qgpt.py --mode sample --prompt "ROMEO:" # sample from out/ckpt.pt
-    python qgpt.py -h                              # every flag
-    python -m pytest test_qgpt.py                  # the tests (CPU only)
-
-Course seams: the functions under a `# SEAM: <name>` comment are the ones a course blanks out;
-`python -m tools.course blank <name> --out course/` does it, `pytest test_qgpt.py -k <name>` grades it.
+    python prepare_data.py --tokenizer char        # offline Shakespeare, character level
+    python qgpt.py                                  # CPU baseline, about 2 minutes
+    python qgpt.py --wbits 8 --abits 8              # the paper's w8a8 (simulated)
+    python qgpt.py --preset int8,adam8              # int8 matmuls, 8-bit Adam states
+    python qgpt.py --mode sample --prompt "ROMEO:"  # sample from out/ckpt.pt
+    python qgpt.py -h                               # every flag and preset
+    python -m pytest test_qgpt.py                   # the tests (CPU)
 
 How it works:
- 1. `quantize` maps a float tensor to integer codes with one scale per tensor, row, column or
-    group: scale = absmax / (2^(b-1) - 1), code = clamp(round(x / scale)). Dynamic: the scale is
-    recomputed at every call (the paper's Section 3).
- 2. `FakeQuantize` is quantize-then-dequantize with a straight-through backward: the rounding has
-    zero derivative almost everywhere, so the backward treats it as identity.
- 3. A Linear has three matmuls: Y = X W^T, dX = G W, dW = G^T X. `QuantizedLinearFunction`
-    quantizes the operands of each one according to a recipe (`paper` or `int8`, see there).
- 4. `quantize_model` swaps every nn.Linear of the blocks (and the LM head) for a `QLinear`.
- 5. `QAdamW` keeps AdamW's two moments as integer codes (8 bit, or 4 bit packed two per byte).
- 6. `train` is a plain nanoGPT loop: accumulation, warmup + cosine, clipping, eval, atomic
-    checkpoints that resume bit-exactly on CPU.
+ 1. `quantize` maps a float tensor to integer codes, one scale per tensor, row, column or group:
+    scale = absmax / (2^(b-1) - 1), code = clamp(round(x / scale)); dynamic: recomputed each call.
+ 2. A Linear runs three matmuls: Y = X W^T, dX = G W, dW = G^T X (G = dL/dY). A recipe says
+    which operands are quantized, and along which axis: `PaperRecipe`, the paper's simulation,
+    whose backward is the straight-through estimator, or `Int8Recipe`, whose scales all run along
+    axes the matmuls do not sum over, so that int8 kernels compute it exactly. `quantize_model`
+    swaps the model's nn.Linear layers for `QLinear`s that follow the recipe.
+ 3. `QAdamW` is AdamW with its two moments stored as 8- or 4-bit codes.
+ 4. `train` is nanoGPT's loop. The plumbing (presets, flags, checks, resume guards, distributed
+    setup) sits after it, above `main`.
+Course seams: the functions under a `# SEAM: <name>` comment (`python -m tools.course`).
 """
 
 import argparse
 import dataclasses
-import functools
 import math
 import os
 import signal
 import sys
 import time
-from collections import namedtuple
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -49,11 +44,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from prepare_data import OneLineParser, UserError, check_prompt, load_codec, load_data, read_meta
 
-
-# ----------------------------------------------------------------------------------------------
-# Config: one dataclass, every field commented; argparse is generated from it.
 
 def opt(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -62,18 +55,12 @@ def opt(default, help, choices=None):
 GRANULARITIES = ["tensor", "row", "column", "group", "channel", "token"]
 
 
-def canonical_granularity(granularity):
-    """The paper's names are aliases: per-channel (weights) and per-token (activations) are rows."""
-    return {"channel": "row", "token": "row"}.get(granularity, granularity)
-
-
 @dataclass
 class Config:
     # what to do
-    mode: str = opt("train", "train | sample (from out_dir/ckpt.pt, with the checkpoint's own model and quantization "
-                    "flags) | memory (print the memory table)",
-                    ["train", "sample", "memory"])
-    preset: str = opt("", "comma-separated presets, applied before explicit flags (see PRESETS)")
+    mode: str = opt("train", "train | sample (from out_dir/ckpt.pt, with its own model and "
+                    "quantization) | memory (print the memory table)", ["train", "sample", "memory"])
+    preset: str = opt("", "comma-separated presets, applied before explicit flags (list below)")
     # I/O
     out_dir: str = opt("out", "folder for ckpt.pt")
     data_dir: str = opt("data", "folder holding the datasets made by prepare_data.py")
@@ -101,128 +88,54 @@ class Config:
     beta2: float = opt(0.99, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     skip_nonfinite: bool = opt(False, "skip steps with a non-finite loss instead of stopping")
-    allow_config_change: bool = opt(False, "resume even if the quantization flags differ from the checkpoint's")
+    allow_config_change: bool = opt(False, "resume even if the quantization differs from the "
+                                    "checkpoint's")
     # system
     device: str = opt("auto", "auto | cpu | cuda | mps")
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(1337, "seed for init, batches and dropout")
-    # quantized Linears (see QuantizedLinearFunction); bits >= 16 means that operand is not quantized
-    recipe: str = opt("paper", "paper (the paper's simulation) | int8 (every scale off the summed axis)",
-                      ["paper", "int8"])
+    # quantized Linears (PaperRecipe, Int8Recipe); bits >= 16 means that operand is not quantized
+    recipe: str = opt("paper", "paper (the paper's simulation) | int8 (every scale off the "
+                      "summed axis: int8 kernels)", ["paper", "int8"])
     wbits: int = opt(32, "weight bits (2-8, or 16/32 = off)")
     abits: int = opt(32, "activation (Linear input) bits")
     gbits: int = opt(32, "output-gradient bits")
-    w_granularity: str = opt("row", "paper recipe: weight scales (row = per output channel)", GRANULARITIES)
-    a_granularity: str = opt("row", "paper recipe: activation scales (row = per token)", GRANULARITIES)
-    g_granularity: str = opt("row", "paper recipe: gradient scales (row = per token)", GRANULARITIES)
-    group_size: int = opt(64, "elements per group for granularity 'group'")
+    w_granularity: str = opt("row", "paper recipe: weight scales (row = per output channel)",
+                             GRANULARITIES)
+    a_granularity: str = opt("row", "paper recipe: activation scales (row = per token)",
+                             GRANULARITIES)
+    g_granularity: str = opt("row", "paper recipe: gradient scales (row = per token)",
+                             GRANULARITIES)
+    group_size: int = opt(64, "paper recipe: elements per group for granularity 'group'")
     a_asymmetric: bool = opt(False, "paper recipe: asymmetric (zero point) activation quantizer")
-    g_matmuls: str = opt("wgrad", "backward matmuls that get the quantized gradient", ["wgrad", "dgrad", "both"])
-    quantize_head: bool = opt(True, "quantize the LM head too (the paper does; README: why --preset int8 does not)")
-    backend: str = opt("auto", "int8 recipe: sim (PyTorch) | triton (int8 kernels) | auto", ["auto", "sim", "triton"])
+    g_matmuls: str = opt("wgrad", "backward matmuls that get the quantized gradient",
+                         ["wgrad", "dgrad", "both"])
+    token_group: int = opt(1024, "int8 recipe: tokens that share a scale in dW = G^T X (a power "
+                           "of two; 0 = all the micro-batch's)")
+    quantize_head: bool = opt(True, "quantize the LM head too (the paper does; --preset int8 "
+                              "does not, README: why)")
+    backend: str = opt("auto", "int8 recipe: sim (PyTorch) | triton (int8 kernels) | auto",
+                       ["auto", "sim", "triton"])
+    fuse_quantizers: bool = opt(False, "int8 recipe under --compile: quantize in PyTorch ops that "
+                                "inductor fuses into the ops around them; matmuls stay Triton")
     diag_interval: int = opt(0, "print a quantization diagnostics table every N steps (0 = off)")
     # optimizer states (QAdamW)
     m_bits: int = opt(32, "Adam first-moment bits: 32, 16, 8, 4")
     v_bits: int = opt(32, "Adam second-moment bits: 32, 16, 8, 4")
-    m_granularity: str = opt("block", "first-moment scales: tensor | row | block", ["tensor", "row", "block"])
-    v_granularity: str = opt("block", "second-moment scales: tensor | row | block", ["tensor", "row", "block"])
+    m_granularity: str = opt("block", "first-moment scales: tensor | row | block",
+                             ["tensor", "row", "block"])
+    v_granularity: str = opt("block", "second-moment scales: tensor | row | block",
+                             ["tensor", "row", "block"])
     state_block_size: int = opt(128, "elements per scale for granularity 'block'")
     v_map: str = opt("sqrt", "second-moment code map: linear (the paper's; 0 is a level) | "
-                     "zerofree (no zero level) | sqrt (sqrt(v), zero-free)", ["linear", "zerofree", "sqrt"])
+                     "zerofree (no zero level) | sqrt (sqrt(v), zero-free)",
+                     ["linear", "zerofree", "sqrt"])
     # sampling
     prompt: str = opt("\n", "start text for sampling (default: %(default)r)")
     num_samples: int = opt(1, "samples to draw")
     max_new_tokens: int = opt(200, "tokens per sample")
     temperature: float = opt(0.8, "sampling temperature")
     top_k: int = opt(50, "sample among the k most likely tokens (0 = all)")
-
-
-# Presets: model/training sizes and the paper's quantization configurations. Combine with commas.
-PRESETS = {
-    "cpu": {},  # the defaults: a 0.8M-parameter char model, about 2 minutes on 2 cores
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, grad_accum=32,
-                 max_iters=300000, lr=6e-4, min_lr=6e-5, warmup_iters=1000, beta2=0.95,
-                 weight_decay=0.1, grad_clip=1.0, dataset="shakespeare", eval_interval=1000,
-                 eval_iters=100, log_interval=10),
-    "baseline": dict(wbits=32, abits=32, gbits=32),
-    "w8": dict(wbits=8, w_granularity="row"), "w8t": dict(wbits=8, w_granularity="tensor"),
-    "w4": dict(wbits=4, w_granularity="row"), "w4t": dict(wbits=4, w_granularity="tensor"),
-    "a8": dict(abits=8, a_granularity="row"), "a8t": dict(abits=8, a_granularity="tensor"),
-    "a4": dict(abits=4, a_granularity="row"), "a4t": dict(abits=4, a_granularity="tensor"),
-    "a8col": dict(abits=8, a_granularity="column"),  # per feature over the batch's tokens (the authors' code)
-    "g8": dict(gbits=8, g_granularity="row"), "g8t": dict(gbits=8, g_granularity="tensor"),
-    "w8a8": dict(wbits=8, abits=8, w_granularity="row", a_granularity="row"),
-    "w8a8g8": dict(wbits=8, abits=8, gbits=8, w_granularity="row", a_granularity="row", g_granularity="row"),
-    # the LM head stays bf16: at GPT-2's 50k vocabulary an 8-bit row of its gradient keeps only the target
-    "int8": dict(recipe="int8", wbits=8, abits=8, gbits=8, g_matmuls="both", quantize_head=False),
-    "m8": dict(m_bits=8, m_granularity="tensor"), "m8c": dict(m_bits=8, m_granularity="row"),
-    "m4": dict(m_bits=4, m_granularity="tensor"), "m4c": dict(m_bits=4, m_granularity="row"),
-    "v8": dict(v_bits=8, v_granularity="tensor", v_map="linear"), "v8sqrt": dict(v_bits=8, v_map="sqrt"),
-    "adam8": dict(m_bits=8, v_bits=8), "adam4": dict(m_bits=4, v_bits=4),
-}
-
-
-def build_parser(show_defaults=True):
-    """argparse from Config. With show_defaults=False, only flags given explicitly are returned."""
-    parser = OneLineParser(
-        description="qgpt: quantized GPT-2 pre-training. README.md explains every recipe and preset.",
-        epilog="presets (--preset a,b; each prints what it sets): " + ", ".join(PRESETS),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=None if show_defaults else argparse.SUPPRESS)
-    for f in dataclasses.fields(Config):
-        kwargs = dict(help=f.metadata["help"])
-        if show_defaults:
-            kwargs["default"] = f.default
-        if isinstance(f.default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = type(f.default)
-            if f.metadata["choices"]:
-                kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + f.name, **kwargs)
-    return parser
-
-
-def parse_config(argv=None):
-    """Defaults, then presets (each printed), then the flags given explicitly on the command line."""
-    build_parser().parse_args(argv)  # -h, and errors for unknown flags or bad values
-    given = vars(build_parser(show_defaults=False).parse_args(argv))
-    cfg = Config()
-    for name in [p for p in given.get("preset", "").split(",") if p]:
-        if name not in PRESETS:
-            raise UserError(f"unknown preset '{name}'; choose from: {', '.join(PRESETS)}")
-        print(f"preset {name}: " + (", ".join(f"{k}={v}" for k, v in PRESETS[name].items()) or "defaults"))
-        cfg = dataclasses.replace(cfg, **PRESETS[name])
-    return dataclasses.replace(cfg, **given)
-
-
-RULES = [  # (flags, the test each value must pass, what the error says it must be)
-    (["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_iters", "eval_interval",
-      "log_interval", "state_block_size", "group_size", "num_samples"], lambda v: v > 0, "a positive integer"),
-    (["max_iters", "warmup_iters", "diag_interval", "max_new_tokens", "top_k", "min_lr", "weight_decay",
-      "grad_clip"], lambda v: v >= 0, ">= 0"),
-    (["lr", "temperature"], lambda v: 0 < v < math.inf, "> 0"),
-    (["beta1", "beta2", "dropout"], lambda v: 0 <= v < 1, "in [0, 1)"),
-    (["wbits", "abits", "gbits"], lambda v: 2 <= v <= 8 or v in (16, 32), "in 2..8, or 16/32 for no quantization"),
-    (["m_bits", "v_bits"], lambda v: v in (4, 8, 16, 32), "4, 8, 16 or 32"),
-]
-
-
-def validate_config(cfg):
-    """Refuse configurations that cannot run, with one line that says what to change."""
-    for names, valid, what in RULES:
-        for name in names:
-            if not valid(getattr(cfg, name)):
-                raise UserError(f"--{name} must be {what}, got {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    non_row = [f"--{k} {getattr(cfg, k)}" for k in ("w_granularity", "a_granularity", "g_granularity")
-               if canonical_granularity(getattr(cfg, k)) != "row"]
-    if cfg.recipe == "int8" and (non_row or cfg.a_asymmetric):
-        raise UserError(f"the int8 recipe fixes every scale to rows of the matmul operands; "
-                        f"{', '.join(non_row) or '--a_asymmetric'} needs --recipe paper")
-    if cfg.backend == "triton" and cfg.recipe != "int8":
-        raise UserError("--backend triton runs the int8 recipe only: add --recipe int8 (or --preset int8)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,27 +146,29 @@ GRAD_FLOOR = 1e-9  # gradients are tiny: a 1e-5 floor on their absmax would zero
 
 
 # SEAM: quantizer
-def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=ACT_FLOOR):
+def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None,
+             absmax_floor=ACT_FLOOR):
     """Linear quantization of `x` to `bits`-bit signed integer codes (2 <= bits <= 8).
 
     Granularity: which elements share one scale. "tensor": all; "row" (aliases "channel" for a
-    weight (out, in), "token" for an activation (tokens, features)): each row of a 2-D x; "column":
-    each column; "group": each run of `group_size` consecutive elements of a row (group_size must
-    divide the row length).
+    weight (out, in), "token" for an activation (tokens, features)): each row of a 2-D x;
+    "column": each column; "group": each run of `group_size` consecutive elements of a row
+    (group_size must divide the row length).
     Returns (codes, scale, zero_point):
       codes       int8, same shape as x, in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]
       scale       fp32, shaped to broadcast against x: () tensor, (R, 1) row, (1, C) column,
                   or (R, C // group_size, 1) group (against x viewed as (R, C // g, g))
       zero_point  None when symmetric; else fp32 integer values shaped like scale
-    Symmetric: scale = max(absmax, absmax_floor) / qmax, codes = clamp(round(x / scale), qmin, qmax).
-    Asymmetric: scale = max(max - min, absmax_floor) / (2^b - 1), zero_point = qmin - round(min / scale),
-    codes = clamp(round(x / scale) + zero_point, qmin, qmax); x is recovered as (codes - zero_point) * scale.
-    The floor applies to the max (or the range), before the division: an all-zero group gets
-    scale = absmax_floor / qmax and codes 0, never 0 / 0 = NaN. round() ties to even (torch.round);
-    the clamp happens in float, before the int8 cast. A NaN gives code 0; its group's scale is NaN
-    (a group holding +-inf: scale inf), so the NaN reaches whoever uses the scale.
+    Symmetric: scale = max(absmax, absmax_floor) / qmax, codes = clamp(round(x / scale), qmin,
+    qmax). Asymmetric: scale = max(max - min, absmax_floor) / (2^b - 1), zero_point = qmin -
+    round(min / scale), codes = clamp(round(x / scale) + zero_point, qmin, qmax); x is recovered as
+    (codes - zero_point) * scale. The floor applies to the max (or the range), before the
+    division: an all-zero group gets scale = absmax_floor / qmax and codes 0, never 0 / 0 = NaN.
+    Arithmetic in fp32; round() ties to even (torch.round); the clamp happens in float, before the
+    int8 cast. A NaN gives code 0; its group's scale is NaN (a group holding +-inf: scale inf), so
+    the NaN reaches whoever uses the scale.
     """
-    granularity = canonical_granularity(granularity)
+    granularity = {"channel": "row", "token": "row"}.get(granularity, granularity)
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8 for int8 codes, got {bits}")
     xf = x.float()
@@ -261,7 +176,7 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, abs
         view, dims = xf, None
     elif granularity in ("row", "column", "group"):
         if x.dim() != 2:
-            raise ValueError(f"granularity '{granularity}' needs a 2-D tensor, got shape {tuple(x.shape)}")
+            raise ValueError(f"granularity '{granularity}' needs a 2-D tensor, got {tuple(x.shape)}")
         view, dims = xf, (1 if granularity == "row" else 0)
         if granularity == "group":
             if not group_size or x.shape[1] % group_size:
@@ -276,8 +191,8 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, abs
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if symmetric:
         absmax = reduce(torch.amax, view.abs()).clamp(min=absmax_floor)
-        # fp32, one per group of elements: () / (R, 1) / (1, C) / (R, C // g, 1). A tensor divisor, not a
-        # Python number: CUDA divides by a number through its reciprocal (1 ulp off); tensors divide exactly.
+        # fp32, one per group: () / (R, 1) / (1, C) / (R, C // g, 1). A tensor divisor, not a Python
+        # number: CUDA divides by a number through its reciprocal (1 ulp off); tensors exactly.
         scale = absmax / torch.full_like(absmax, qmax)
         zero_point = None
         shifted = torch.round(view / scale)
@@ -286,8 +201,8 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, abs
         scale = (high - low).clamp(min=absmax_floor) / torch.full_like(low, qmax - qmin)
         zero_point = qmin - torch.round(low / scale)
         shifted = torch.round(view / scale) + zero_point
-    # Clamp while still float: casting 128.0 to int8 would wrap around to -128. A NaN (in x, or in a
-    # scale made NaN or inf by its group) gets code 0; the scale keeps the NaN or inf for the caller.
+    # Clamp while still float: casting 128.0 to int8 would wrap around to -128. A NaN (in x, or in
+    # a scale made NaN or inf by its group) gets code 0; the scale keeps the NaN or inf.
     codes = shifted.clamp(qmin, qmax).nan_to_num(0.0).to(torch.int8).view(x.shape)  # fp32 -> int8
     return codes, scale, zero_point
 
@@ -303,303 +218,313 @@ def dequantize(codes, scale, zero_point=None):
     return (q * scale).view(codes.shape)
 
 
-class FakeQuantize(torch.autograd.Function):
-    """x -> dequantize(quantize(x)) with a straight-through backward.
-
-    Backward: identity. The scale is recomputed from the tensor itself (absmax), so every element
-    lies inside the representable range and nothing is ever clipped; with a fixed or learned scale,
-    elements outside the range would be clipped and the usual STE gives them zero gradient.
-    """
-
-    @staticmethod
-    # SEAM: straight_through
-    def forward(ctx, x, bits, granularity, symmetric=True, group_size=None, absmax_floor=ACT_FLOOR):
-        return dequantize(*quantize(x, bits, granularity, symmetric, group_size, absmax_floor)).to(x.dtype)
-
-    @staticmethod
-    # SEAM: straight_through
-    def backward(ctx, grad_output):
-        return grad_output, None, None, None, None, None
-
-
-def fake_quantize(x, bits, granularity="tensor", symmetric=True, group_size=None, absmax_floor=ACT_FLOOR):
-    """Straight-through fake quantization; bits >= 16 returns x unchanged."""
+def fake_quantize(x, bits, granularity="tensor", symmetric=True, group_size=None,
+                  absmax_floor=ACT_FLOOR):
+    """dequantize(quantize(x)) in x's dtype: what the paper's simulated matmuls see; x itself for
+    bits >= 16. Not differentiable (detached): the backward of the Function that uses it decides
+    the gradient (PaperLinear's: straight through)."""
     if bits >= 16:
         return x
-    return FakeQuantize.apply(x, bits, granularity, symmetric, group_size, absmax_floor)
+    codes, scale, zero_point = quantize(x.detach(), bits, granularity, symmetric, group_size,
+                                        absmax_floor)
+    return dequantize(codes, scale, zero_point).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
-# The quantized Linear: three matmuls, each operand quantized by a recipe.
+# The quantized Linear: Y = X W^T + b runs three matmuls, each operand quantized by a recipe.
+# X is (M, K) tokens x in-features, W (N, K), G = dL/dY (M, N):
+#   forward Y = X W^T sums over K;  dX = G W sums over N;  dW = G^T X sums over the M tokens.
 
-LINEAR_KEYS = ["recipe", "wbits", "abits", "gbits", "w_granularity", "a_granularity", "g_granularity", "group_size",
-               "a_asymmetric", "g_matmuls", "quantize_head"]
-LinearRecipe = namedtuple("LinearRecipe", LINEAR_KEYS)  # all a quantized Linear needs of the Config
+def compute_dtype(x):
+    """The dtype the matmuls run in: autocast's (bf16 on a GPU), else x's."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
 
 
-class SimBackend:
-    """The int8 recipe's operations in plain PyTorch: the reference kernels.TritonBackend matches."""
-    name = "sim"
+@dataclass(frozen=True)
+class PaperRecipe:
+    """The paper's simulation (its Section 3): fake quantization, float matmuls.
+      forward  Y  = fq(X, per token) fq(W, per output channel)^T  (granularities are flags)
+      backward dW = fq(G, per token)^T X  and  dX = G W  (--g_matmuls moves or adds fq(G))
+    The backward is the straight-through estimator: the rounding has zero derivative almost
+    everywhere, so the backward treats the quantizers as the identity and multiplies by the saved
+    *unquantized* X and W, as the authors' code does (the absmax scale never clips, so no element
+    falls outside the range and loses its gradient). Quantizes no real tensor, saves nothing.
+    """
+    uses_kernels = False
+    wbits: int
+    abits: int
+    gbits: int
+    w_granularity: str
+    a_granularity: str
+    g_granularity: str
+    group_size: int
+    a_asymmetric: bool
+    g_matmuls: str
+
+    @classmethod
+    def from_config(cls, cfg, backend=None):
+        return cls(cfg.wbits, cfg.abits, cfg.gbits, cfg.w_granularity, cfg.a_granularity,
+                   cfg.g_granularity, cfg.group_size, cfg.a_asymmetric, cfg.g_matmuls)
 
     @staticmethod
-    def quantize_rows(x, bits, absmax_floor):
-        """(M, K) float -> int8 codes (M, K), fp32 scale (M, 1): one scale per row."""
-        codes, scale, _ = quantize(x, bits, "row", absmax_floor=absmax_floor)
-        return codes, scale
+    def validate(cfg):
+        if cfg.backend == "triton":
+            raise UserError("--backend triton runs the int8 recipe only: add --recipe int8 "
+                            "(or --preset int8)")
+
+    def grad_quantized(self, matmul):
+        """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes fq(G)."""
+        return self.gbits < 16 and self.g_matmuls in (matmul, "both")
+
+    def operand_quantizers(self):
+        """{operand: (bits, granularity, floor)}: how W, X and G are quantized (for diagnostics)."""
+        return {"W": (self.wbits, self.w_granularity, ACT_FLOOR),
+                "X": (self.abits, self.a_granularity, ACT_FLOOR),
+                "G": (self.gbits, self.g_granularity, GRAD_FLOOR)}
+
+    def check_widths(self, name, linear):
+        """Group scales run along rows: W's and X's rows are the inputs, G's the outputs."""
+        for flag, (bits, granularity, _), width in zip(
+                "wag", self.operand_quantizers().values(),
+                (linear.in_features, linear.in_features, linear.out_features)):
+            if granularity == "group" and bits < 16 and width % self.group_size:
+                hint = ", or leave the head unquantized with --no-quantize_head" \
+                    if name == "lm_head" else ""
+                raise UserError(f"--group_size {self.group_size} does not divide the width {width} "
+                                f"of {name} (--{flag}_granularity group): pick a divisor of it{hint}")
+
+    def weight_codes(self, weight):
+        return None  # the simulation quantizes W inside each forward
+
+    def linear(self, x, weight, bias, weight_codes=None):
+        return PaperLinear.apply(x, weight, bias, self)
+
+
+class PaperLinear(torch.autograd.Function):
+    """Y = fq(X) fq(W)^T + b, the matmul in float; the backward is PaperRecipe's (see there)."""
 
     @staticmethod
-    def quantize_columns(x, bits, absmax_floor):
-        """(M, K) float -> the rows of x^T: int8 codes (K, M), fp32 scale (K, 1): one scale per column."""
-        return SimBackend.quantize_rows(x.t(), bits, absmax_floor)
+    def forward(ctx, x, weight, bias, r):
+        dtype = compute_dtype(x)
+        x_hat = fake_quantize(x, r.abits, r.a_granularity, not r.a_asymmetric, r.group_size)
+        w_hat = fake_quantize(weight, r.wbits, r.w_granularity, True, r.group_size)
+        ctx.recipe, ctx.has_bias, ctx.dtype = r, bias is not None, dtype
+        ctx.save_for_backward(x, weight)  # the unquantized ones: the backward goes straight through
+        return F.linear(x_hat.to(dtype), w_hat.to(dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
-    def quantize_both(x, bits, absmax_floor):
-        """Both quantizations a Linear needs of one tensor: (quantize_rows(x), quantize_columns(x))."""
-        return SimBackend.quantize_rows(x, bits, absmax_floor), SimBackend.quantize_columns(x, bits, absmax_floor)
+    # SEAM: straight_through
+    def backward(ctx, grad_out):
+        """The straight-through estimator of PaperRecipe: gradients as if nothing were quantized,
+        except for fq(G) in the matmuls that PaperRecipe.grad_quantized names.
 
-    @staticmethod
-    def int8_matmul(a_codes, a_scale, b_codes, b_scale, bias=None, out_dtype=torch.float32):
-        """(A @ B) * a_scale[:, None] * b_scale[None, :] + bias for A (M, K), B (K, N) int8 codes.
-
-        The integer sums are exact, as in an int32 accumulator: fp32 holds every sum of up to 1024
-        products of int8 codes (|sum| <= 2^24), float64 longer ones. Then the kernel's epilogue, in
-        fp32: sum * a_scale * b_scale + bias. So kernels.py's int8 matmul gives the same bits.
+        Saved: X (M, K) and W (N, K), unquantized, in their own dtypes; ctx.recipe (r), ctx.dtype
+        (the forward's matmul dtype), ctx.has_bias. grad_out: G (M, N).
+          G_hat = fake_quantize(G, r.gbits, r.g_granularity, True, r.group_size, GRAD_FLOOR):
+                  always symmetric (r.a_asymmetric is for X only), with the gradient floor 1e-9
+          dX = (G_hat if r.grad_quantized("dgrad") else G) @ W         (M, N) @ (N, K)
+          dW = (G_hat if r.grad_quantized("wgrad") else G)^T @ X       (N, M) @ (M, K)
+          db = sum over the M tokens of the unquantized G, accumulated in W's dtype (fp32 master
+               weights: fp32), or None without a bias
+        Both matmuls run in ctx.dtype; returns (dX in X's dtype, dW in W's dtype, db, None).
         """
-        exact = torch.float32 if a_codes.shape[1] <= 1024 or a_codes.device.type == "mps" else torch.float64
-        with torch.autocast(a_codes.device.type, enabled=False):  # fp32, also inside a bf16 autocast
-            acc = (a_codes.to(exact) @ b_codes.to(exact)).float()
-            out = acc * a_scale.view(-1, 1).float() * b_scale.view(1, -1).float()
-            return (out if bias is None else out + bias.float()).to(out_dtype)
+        r, dtype = ctx.recipe, ctx.dtype
+        x, weight = ctx.saved_tensors
+        g = grad_out
+        g_hat = fake_quantize(g, r.gbits, r.g_granularity, True, r.group_size, GRAD_FLOOR)
+        g_dx = g_hat if r.grad_quantized("dgrad") else g
+        g_dw = g_hat if r.grad_quantized("wgrad") else g
+        grad_x = g_dx.to(dtype) @ weight.to(dtype)  # (M, N) @ (N, K)
+        grad_w = g_dw.t().to(dtype) @ x.to(dtype)  # (N, M) @ (M, K)
+        grad_b = g.sum(0, dtype=weight.dtype) if ctx.has_bias else None  # (N,) full precision
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b, None
 
 
-def matmul_rows(a, b, backend, bias=None, out_dtype=torch.float32):
-    """a @ b^T for a (M, K) and b (N, K), each a float tensor or a pair (int8 codes, one scale per row).
-
-    Two quantized operands go through the backend's int8 matmul; one is dequantized first.
+@dataclass(frozen=True)
+class Int8Recipe:
+    """Real-int8-compatible: every scale runs along a dimension its matmul does NOT sum over, so
+    the scales factor out of the integer sum and an int8 kernel (kernels.py) computes this exactly:
+      forward  Y  = X W^T : X per row (token m),       W per row (output channel n); sums over K
+      backward dX = G W   : G per row (token m),       W per column (input feature k); sums over N
+               dW = G^T X : G per column (channel n),  X per column (feature k);       sums over M
+    dW sums over the tokens, so its scales may also change from one group of `token_group`
+    consecutive tokens to the next: each group's int32 sum is promoted to fp32 with its own scales.
+    W and G are quantized along both axes; X's column codes are made in the forward (one read of X
+    makes both) and saved for dW instead of X (1 byte per element instead of 2 or 4). W's codes
+    come from QLinear, once per optimizer step. The backend runs the two operations
+    (`quantize_dual`, `int8_matmul`): kernels.ReferenceBackend in PyTorch (the simulation), or
+    kernels.TritonBackend on int8 tensor cores, with the same bits.
     """
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return backend.int8_matmul(a[0], a[1], b[0].t(), b[1], bias, out_dtype)
-    a = dequantize(*a) if isinstance(a, tuple) else a
-    b = dequantize(*b) if isinstance(b, tuple) else b
-    return F.linear(a.to(out_dtype), b.to(out_dtype), None if bias is None else bias.to(out_dtype))
+    uses_kernels = True
+    wbits: int
+    abits: int
+    gbits: int
+    g_matmuls: str
+    token_group: int
+    backend: type = kernels.ReferenceBackend
+    fuse_quantizers: bool = False
 
-
-def grad_quantized(r, matmul):
-    """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes the quantized gradient."""
-    return r.gbits < 16 and r.g_matmuls in (matmul, "both")
-
-
-class QuantizedLinearFunction(torch.autograd.Function):
-    """Y = X W^T + b with quantized operands. X is (M, K) tokens x features, W is (N, K).
-
-    Recipe `paper` (the paper's simulation, its Section 3: fake quantization, fp32 matmuls):
-      forward  Y  = fq(X, per token) fq(W, per output channel)^T   (granularities are flags)
-      backward dW = fq(G, per token)^T X   and  dX = G W            (--g_matmuls moves/adds fq(G))
-      The backward uses the saved *unquantized* X and W (straight-through), as the authors' code.
-
-    Recipe `int8` (real-int8-compatible): every scale runs along a dimension the matmul does NOT
-    sum over, so the scales factor out of the sum and an int8 kernel computes exactly this math:
-      forward  Y  = X W^T : X per row (token, M),        W per row (output channel, N); sums over K
-      backward dX = G W   : G per row (token, M),        W per column (input feature, K); sums over N
-               dW = G^T X : G per column (out chan, N),  X per column (input feature, K); sums over M
-      So W and G are quantized again along other axes in the backward: a per-output-channel scale of
-      W would sit inside the sum over N of dX = G W and could not be taken out of an int32 sum.
-      W's two quantizations come from QLinear (once per optimizer step). Saved for the backward: W
-      (a parameter, no copy) and, when dW is quantized, X's per-column int8 codes and scales instead
-      of X itself (1 byte per element instead of 2 or 4).
-    """
+    @classmethod
+    def from_config(cls, cfg, backend=kernels.ReferenceBackend):
+        return cls(cfg.wbits, cfg.abits, cfg.gbits, cfg.g_matmuls, cfg.token_group, backend,
+                   cfg.fuse_quantizers)
 
     @staticmethod
-    def forward(ctx, x, weight, bias, r, backend, w_codes):
-        out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        ctx.r, ctx.backend, ctx.has_bias = r, backend, bias is not None
-        ctx.out_dtype, ctx.x_dtype, ctx.w_dtype = out_dtype, x.dtype, weight.dtype
-        if r.recipe == "paper":
-            x_hat = fake_quantize(x, r.abits, r.a_granularity, not r.a_asymmetric, r.group_size)
-            w_hat = fake_quantize(weight, r.wbits, r.w_granularity, True, r.group_size)
-            ctx.save_for_backward(x, weight)
-            return F.linear(x_hat.to(out_dtype), w_hat.to(out_dtype), None if bias is None else bias.to(out_dtype))
-        w_rows, (wt_codes, wt_scale) = w_codes if w_codes is not None else (weight, (None, None))
-        if grad_quantized(r, "wgrad") and r.abits < 16:  # keep X^T's int8 codes for dW, not X
-            x_rows, (xt_codes, xt_scale) = backend.quantize_both(x, r.abits, ACT_FLOOR)  # X (M, K), X^T (K, M)
-            x = None
-        else:
-            x_rows = backend.quantize_rows(x, r.abits, ACT_FLOOR) if r.abits < 16 else x  # (M, K) -> int8, (M, 1)
-            xt_codes = xt_scale = None
-        ctx.save_for_backward(weight, x, xt_codes, xt_scale, wt_codes, wt_scale)  # unused ones are None
-        return matmul_rows(x_rows, w_rows, backend, bias, out_dtype)
+    def validate(cfg):
+        non_row = [f"--{k} {getattr(cfg, k)}" for k in ("w_granularity", "a_granularity",
+                                                         "g_granularity")
+                   if getattr(cfg, k) not in ("row", "channel", "token")]
+        if non_row or cfg.a_asymmetric:
+            raise UserError(f"the int8 recipe fixes every scale to rows of the matmul operands; "
+                            f"{', '.join(non_row) or '--a_asymmetric'} needs --recipe paper")
+        if cfg.token_group and (cfg.token_group & (cfg.token_group - 1)
+                                or not 16 <= cfg.token_group <= kernels.MAX_K):
+            raise UserError(f"--token_group must be 0 or a power of two in 16..{kernels.MAX_K}, "
+                            f"got {cfg.token_group}")
+
+    def grad_quantized(self, matmul):
+        """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes G's int8 codes."""
+        return self.gbits < 16 and self.g_matmuls in (matmul, "both")
+
+    def operand_quantizers(self):  # diagnostics: each operand's row quantization (its other
+        return {"W": (self.wbits, "row", ACT_FLOOR), "X": (self.abits, "row", ACT_FLOOR),  # axes
+                "G": (self.gbits, "row", GRAD_FLOOR)}  # err alike)
+
+    def check_widths(self, name, linear):
+        pass  # any width
+
+    def quantizers(self):
+        """Who quantizes: the backend, or under torch.compile with fuse_quantizers the PyTorch
+        reference, which inductor fuses into the ops around it (the matmuls stay the backend's)."""
+        fused = self.fuse_quantizers and torch.compiler.is_compiling()
+        return kernels.ReferenceBackend if fused else self.backend
+
+    def weight_codes(self, weight):
+        """W's codes: rows (per output channel, forward) and columns (per input feature, dX)."""
+        if self.wbits >= 16:
+            return None
+        return self.quantizers().quantize_dual(weight, self.wbits, ACT_FLOOR)
+
+    def matmul(self, a, b, bias, dtype, out_dtype, k_group=0):
+        """a @ b^T (+ bias) for a (M, K), b (N, K): each a float tensor or an (int8 codes, scales)
+        pair, scales per row (and per K-group of k_group). Two pairs: the backend's int8 matmul,
+        written in out_dtype. Otherwise a float matmul in dtype (the pair dequantized)."""
+        if isinstance(a, tuple) and isinstance(b, tuple):
+            return self.backend.int8_matmul(a[0], a[1], b[0].t(), b[1], bias, out_dtype, k_group)
+        a, b = [kernels.dequantize_reference(*t, k_group) if isinstance(t, tuple) else t
+                for t in (a, b)]
+        bias = None if bias is None else bias.to(dtype)
+        return F.linear(a.to(dtype), b.to(dtype), bias).to(out_dtype)
+
+    def linear(self, x, weight, bias, weight_codes=None):
+        return Int8Linear.apply(x, weight, bias, self, weight_codes)
+
+
+class Int8Linear(torch.autograd.Function):
+    """Y = X W^T + b on int8 codes: Int8Recipe's three matmuls (see there)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, r, w_codes):
+        dtype = compute_dtype(x)
+        x_codes_for_dw = r.abits < 16 and r.grad_quantized("wgrad")  # save X^T's codes, not X
+        x_rows, x_cols = x, None
+        if r.abits < 16:  # X (M, K) -> row codes (M, K) and scales (M, 1) [, X^T codes (K, M)]
+            x_rows, x_cols = r.quantizers().quantize_dual(x, r.abits, ACT_FLOOR, r.token_group,
+                                                          columns=x_codes_for_dw)
+        w_rows, w_cols = w_codes if w_codes is not None else (weight, None)
+        ctx.recipe, ctx.has_bias, ctx.dtypes = r, bias is not None, (dtype, x.dtype, weight.dtype)
+        ctx.save_for_backward(weight, None if x_codes_for_dw else x, *(x_cols or (None, None)),
+                              *(w_cols or (None, None)))
+        return r.matmul(x_rows, w_rows, bias, dtype, dtype)
 
     @staticmethod
     # SEAM: linear_backward
     def backward(ctx, grad_out):
-        r, backend = ctx.r, ctx.backend
-        g = grad_out.contiguous()  # G (M, N)
-        grad_bias = g.sum(0).to(ctx.w_dtype) if ctx.has_bias else None  # bias gradient: full precision
-        dgrad, wgrad = grad_quantized(r, "dgrad"), grad_quantized(r, "wgrad")
-        if r.recipe == "paper":
-            x, weight = ctx.saved_tensors
-            g_hat = fake_quantize(g, r.gbits, r.g_granularity, True, r.group_size, GRAD_FLOOR)
-            grad_x = (g_hat if dgrad else g).to(ctx.out_dtype) @ weight.to(ctx.out_dtype)  # (M, N) @ (N, K)
-            grad_w = (g_hat if wgrad else g).t().to(ctx.out_dtype) @ x.to(ctx.out_dtype)  # (N, M) @ (M, K)
-            return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None
+        """dX and dW of Int8Recipe from int8 codes whose scales lie off each matmul's summed axis.
+
+        Saved: W (N, K); X (M, K) in float only when dW does not use X's codes, else None; X^T's
+        codes (K, M) and scales (J, K) (per input feature k and token group), else None; W^T's
+        codes (K, N) and scales (1, K) (per input feature), else None. ctx.recipe (r),
+        ctx.has_bias, ctx.dtypes = (matmul dtype, X's dtype, W's dtype). grad_out: G (M, N).
+          dgrad, wgrad = r.grad_quantized("dgrad"), r.grad_quantized("wgrad")
+          G's codes, one call: r.quantizers().quantize_dual(G, r.gbits, GRAD_FLOOR (1e-9: never
+            the activation floor), r.token_group, rows=dgrad, columns=wgrad): rows (M, N) and
+            scales (M, 1), per token; G^T's codes (N, M) and scales (J, N), per output channel
+            and token group.
+          dX = r.matmul(G's rows if dgrad else G, W^T's codes if saved else W^T, ...) written in
+               X's dtype: sums over N, G per token times W per input feature.
+          dW = r.matmul(G^T's codes if wgrad else G^T, X^T's codes if saved else X^T, ...,
+               k_group=r.token_group) written in W's dtype: sums over M in token groups.
+          db = G.sum(0, dtype=torch.float32): the unquantized G summed over the tokens in fp32,
+               in W's dtype; None without a bias.
+        Returns (dX, dW, db, None, None).
+        """
+        r = ctx.recipe
+        dtype, x_dtype, w_dtype = ctx.dtypes
         weight, x, xt_codes, xt_scale, wt_codes, wt_scale = ctx.saved_tensors
-        if dgrad and wgrad:  # G (M, N) and G^T (N, M) codes, from two passes over G
-            g_rows, gt_rows = backend.quantize_both(g, r.gbits, GRAD_FLOOR)
-        else:
-            g_rows = backend.quantize_rows(g, r.gbits, GRAD_FLOOR) if dgrad else g
-            gt_rows = backend.quantize_columns(g, r.gbits, GRAD_FLOOR) if wgrad else g.t()
-        # dX = G W: G per token (M), W per input feature (rows of W^T, K); sums over N
-        w_t = (wt_codes, wt_scale) if wt_codes is not None else weight.t()
-        grad_x = matmul_rows(g_rows, w_t, backend, None, ctx.out_dtype)
-        # dW = G^T X: G per output channel (rows of G^T, N), X per input feature (rows of X^T, K); sums over M
-        x_t = (xt_codes, xt_scale) if xt_codes is not None else x.t()
-        grad_w = matmul_rows(gt_rows, x_t, backend, None, ctx.out_dtype)
-        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_bias, None, None, None
+        dgrad, wgrad = r.grad_quantized("dgrad"), r.grad_quantized("wgrad")
+        g = grad_out  # G (M, N)
+        g_rows, g_cols = None, None
+        if dgrad or wgrad:
+            g_rows, g_cols = r.quantizers().quantize_dual(g, r.gbits, GRAD_FLOOR, r.token_group,
+                                                          rows=dgrad, columns=wgrad)
+        # the bias gradient: full precision
+        grad_b = g.sum(0, dtype=torch.float32).to(w_dtype) if ctx.has_bias else None
+        w_t = (wt_codes, wt_scale) if wt_codes is not None else weight.t()  # rows: input features
+        grad_x = r.matmul(g_rows if dgrad else g, w_t, None, dtype, x_dtype)  # (M, K)
+        x_t = (xt_codes, xt_scale) if xt_codes is not None else x.t()  # rows: input features
+        grad_w = r.matmul(g_cols if wgrad else g.t(), x_t, None, dtype, w_dtype, r.token_group)
+        return grad_x, grad_w, grad_b, None, None
+
+
+RECIPES = {"paper": PaperRecipe, "int8": Int8Recipe}
 
 
 class QLinear(nn.Linear):
-    """nn.Linear whose matmuls go through QuantizedLinearFunction. Shares its parameters."""
+    """nn.Linear whose matmuls follow a recipe. Shares its parameters with the Linear it replaces."""
     cache_weight_codes = True
 
-    def __init__(self, in_features, out_features, bias, recipe, backend):
+    def __init__(self, in_features, out_features, bias, recipe):
         super().__init__(in_features, out_features, bias=bias, device="meta")
-        self.recipe, self.backend = recipe, backend
-        self.weight_cache = None  # ((version, address), W codes, W^T codes)
+        self.recipe = recipe
+        self.weight_cache = None  # ((version, address, device), W's codes)
 
     def weight_codes(self):
-        """W's int8 codes and scales, rows (forward) and columns (dX), for the int8 recipe.
-
-        W only changes at optimizer.step(), so the codes are kept until the weight's version counter
-        (bumped by every in-place op: the optimizer, load_state_dict) or its storage changes: one
-        quantization per step, not two per micro-step. Edits through `.data` bypass the counter.
-        """
-        if self.recipe.recipe != "int8" or self.recipe.wbits >= 16:
-            return None
+        """recipe.weight_codes(W), kept until the weight's version counter (bumped by every in-place
+        op: the optimizer, load_state_dict) or its storage changes: one quantization per optimizer
+        step, not per micro-step. Edits through `.data` bypass the counter."""
         w = self.weight.detach()
-        if torch.compiler.is_compiling() or not self.cache_weight_codes:  # no Python-side state when compiled
-            return self.backend.quantize_both(w, self.recipe.wbits, ACT_FLOOR)
+        if torch.compiler.is_compiling() or not self.cache_weight_codes:  # no Python-side state
+            return self.recipe.weight_codes(w)
         key = (self.weight._version, w.data_ptr(), w.device)
         if self.weight_cache is None or self.weight_cache[0] != key:
-            self.weight_cache = (key, *self.backend.quantize_both(w, self.recipe.wbits, ACT_FLOOR))
-        return self.weight_cache[1:]
+            self.weight_cache = (key, self.recipe.weight_codes(w))
+        return self.weight_cache[1]
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (B*T, C)
-        y = QuantizedLinearFunction.apply(x2, self.weight, self.bias, self.recipe, self.backend, self.weight_codes())
+        y = self.recipe.linear(x2, self.weight, self.bias, self.weight_codes())
         return y.view(*x.shape[:-1], -1)
 
 
-def quantize_model(model, cfg, backend=SimBackend):
-    """Swap every nn.Linear (the LM head too, unless cfg.quantize_head is False) for a QLinear.
-
-    The QLinear takes over the same Parameter objects, so the tied wte/lm_head weight stays tied
-    and the optimizer and checkpoints see the same parameters. Returns the names swapped.
-    """
-    recipe = LinearRecipe(*(getattr(cfg, k) for k in LINEAR_KEYS))
+def quantize_model(model, cfg, backend=kernels.ReferenceBackend):
+    """Swap every nn.Linear (the LM head too, unless cfg.quantize_head is False) for a QLinear
+    with cfg's recipe. The QLinear takes over the same Parameter objects, so the tied wte/lm_head
+    weight stays tied and the optimizer and checkpoints see the same parameters. Returns the
+    names swapped."""
+    recipe = RECIPES[cfg.recipe].from_config(cfg, backend)
     swapped = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or (child_name == "lm_head" and not cfg.quantize_head):
                 continue
             name = f"{parent_name}.{child_name}".lstrip(".")
-            check_group_size(cfg, name, child)
-            q = QLinear(child.in_features, child.out_features, child.bias is not None, recipe, backend)
+            recipe.check_widths(name, child)
+            q = QLinear(child.in_features, child.out_features, child.bias is not None, recipe)
             q.weight, q.bias = child.weight, child.bias
             setattr(parent, child_name, q)
             swapped.append(name)
     return swapped
-
-
-def check_group_size(cfg, name, linear):
-    """Group granularity needs group_size to divide every quantized row: inputs for W and X, outputs for G."""
-    if cfg.recipe != "paper":  # the int8 recipe has no groups
-        return
-    for flag, bits, width in [("w", cfg.wbits, linear.in_features), ("a", cfg.abits, linear.in_features),
-                              ("g", cfg.gbits, linear.out_features)]:
-        grouped = canonical_granularity(getattr(cfg, flag + "_granularity")) == "group"
-        if grouped and bits < 16 and width % cfg.group_size:
-            hint = ", or leave the head unquantized with --no-quantize_head" if name == "lm_head" else ""
-            raise UserError(f"--group_size {cfg.group_size} does not divide the width {width} of {name} "
-                            f"(--{flag}_granularity group): pick a divisor of it{hint}")
-
-
-def select_backend(cfg, device):
-    """The int8 recipe's backend: Triton kernels on a CUDA GPU that has int8 tensor cores."""
-    if cfg.recipe != "int8" or cfg.backend == "sim":
-        return SimBackend
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
-        reason = "no CUDA device" if device.type != "cuda" else "GPU older than sm80 (no int8 tensor cores)"
-    else:
-        reason = None if triton_kernels() else "triton is not installed, or kernels.py does not import"
-    if reason is None:
-        print("backend: Triton int8 kernels (kernels.py)")
-        return triton_kernels().TritonBackend
-    if cfg.backend == "triton":
-        raise UserError(f"--backend triton needs a CUDA GPU (sm80+) with triton installed: {reason}")
-    print(f"backend: simulated int8 in PyTorch ({reason})")
-    return SimBackend
-
-
-# ----------------------------------------------------------------------------------------------
-# Diagnostics: each Linear's operands, seen through hooks (the quantized Linear holds none of this).
-
-@contextmanager
-def operand_hooks(model, record, kind=nn.Linear):
-    """While the block runs, call record(name, module, "X" or "G", tensor) with the input X and the
-    output gradient G of every `kind` module, each as a 2-D (tokens, features) tensor."""
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, kind):
-            handles.append(m.register_forward_pre_hook(
-                lambda m, args, name=name: record(name, m, "X", args[0].detach().reshape(-1, args[0].shape[-1]))))
-            handles.append(m.register_full_backward_hook(
-                lambda m, _, g_out, name=name: record(name, m, "G", g_out[0].detach().reshape(-1, g_out[0].shape[-1]))))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def quantization_stats(x, bits, granularity="row", group_size=None, absmax_floor=ACT_FLOOR):
-    """One quantization's damage: relative error, codes at the extreme level, nonzeros rounded to 0."""
-    codes, scale, _ = quantize(x, bits, granularity, True, group_size, absmax_floor)
-    x = x.float()
-    x_hat = dequantize(codes, scale)
-    nonzero = x != 0
-    return {"rel_err": ((x - x_hat).norm() / x.norm().clamp(min=1e-30)).item(),
-            "saturated": (codes.abs() >= 2 ** (bits - 1) - 1).float().mean().item(),
-            "zeroed": ((x_hat == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1)}
-
-
-@contextmanager
-def diagnose(model):
-    """Measure, on the forward and backward run inside the block, what each QLinear's recipe does to
-    its W, X and G. Yields {layer: {"W" | "X" | "G": quantization_stats}} (the last micro-step's)."""
-    stats = {}
-
-    def record(name, module, operand, t):
-        r = module.recipe
-        scales = {"W": (r.wbits, r.w_granularity, ACT_FLOOR), "X": (r.abits, r.a_granularity, ACT_FLOOR),
-                  "G": (r.gbits, r.g_granularity, GRAD_FLOOR)}
-        for what, tensor in [("W", module.weight.detach()), ("X", t)] if operand == "X" else [("G", t)]:
-            bits, granularity, floor = scales[what]
-            if bits < 16 and not (what == "W" and "W" in stats.get(name, {})):  # W: once, it holds still
-                granularity = "row" if r.recipe == "int8" else granularity  # int8: its rows (other axes err alike)
-                stats.setdefault(name, {})[what] = quantization_stats(tensor, bits, granularity, r.group_size, floor)
-
-    with operand_hooks(model, record, QLinear):
-        yield stats
-
-
-def diagnostics_table(stats):
-    """One line per quantized layer: relative error of W, X, G, X codes saturated, G entries zeroed."""
-    columns = [("W", "rel_err"), ("X", "rel_err"), ("X", "saturated"), ("G", "rel_err"), ("G", "zeroed")]
-    lines = [f"{'layer':28s} {'W err':>8s} {'X err':>8s} {'X sat':>8s} {'G err':>8s} {'G->0':>8s}"]
-    for name, layer in stats.items():
-        lines.append(f"{name:28s} " + " ".join(f"{layer[op][key]:8.4f}" if op in layer else f"{'-':>8s}"
-                                               for op, key in columns))
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,7 +541,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)  # (B, nh, T, hs); not quantized
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -719,16 +645,18 @@ def round_stochastic_bf16(x, generator):
 
     Round-to-nearest keeps bf16's 8 significant bits and absorbs any change below half a step: a
     second moment decaying by beta2 = 0.999 per step would never decay. Stochastic rounding is
-    unbiased, so small updates accumulate in expectation: add 16 random bits below the 16 that bf16
-    keeps, then truncate.
+    unbiased, so small updates accumulate in expectation: add 16 random bits below the 16 that
+    bf16 keeps, then truncate.
     """
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    return ((x.float().contiguous().view(torch.int32) + noise) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device,
+                          generator=generator)
+    bits = (x.float().contiguous().view(torch.int32) + noise) & -(1 << 16)
+    return bits.view(torch.float32).to(torch.bfloat16)
 
 
 def sqrt_rn(x):
-    """fp32 square root, correctly rounded on every device (PyTorch's CPU kernel can be 1 ulp off;
-    kernels.py's fused AdamW is exact, and the 8/4-bit states must not depend on where they ran)."""
+    """fp32 square root, correctly rounded on every device (PyTorch's CPU kernel can be 1 ulp
+    off; kernels.py's fused AdamW is exact, and 8/4-bit states must not depend on where they ran)."""
     return x.double().sqrt().float()
 
 
@@ -745,7 +673,7 @@ def _state_rows(x, granularity, block_size):
 
 # SEAM: adam_state
 def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="linear"):
-    """fp32 moment -> {"codes": uint8, "scale": fp32 (rows, 1)} at 8 or 4 bits (4: two codes a byte).
+    """fp32 moment -> {"codes": uint8, "scale": fp32 (rows, 1)} at 8 or 4 bits (4: two a byte).
 
     Layout: x is flattened and cut into rows that share one scale: granularity "tensor" gives one
     row, "row" one per row of a 2-D x, "block" rows of block_size elements (the last one padded
@@ -770,10 +698,10 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
         offset = 0 if v_map == "linear" else 1  # zero-free maps: code c means (c + 1) * scale
         levels = 2 ** bits - 1
         absmax = u.amax(dim=1, keepdim=True).clamp(min=1e-30)
-        scale = absmax / torch.full_like(absmax, levels + offset)  # a tensor divisor: exact on CUDA too
+        scale = absmax / torch.full_like(absmax, levels + offset)  # a tensor divisor: exact on CUDA
         codes = (torch.round(u / scale) - offset).clamp(0, levels).to(torch.uint8)
     codes = codes.view(-1)  # (rows * cols,) uint8
-    return {"codes": pack_4bit(codes) if bits == 4 else codes, "scale": scale}  # 4 bit: (rows * cols / 2,)
+    return {"codes": pack_4bit(codes) if bits == 4 else codes, "scale": scale}
 
 
 # SEAM: adam_state
@@ -788,7 +716,7 @@ def decode_state(state, shape, bits, signed, v_map="linear"):
     scale = state["scale"]
     codes = unpack_4bit(state["codes"], 2 * state["codes"].numel()) if bits == 4 else state["codes"]
     rows = scale.shape[0]
-    q = codes[:codes.numel() // rows * rows].view(rows, -1).float()  # drop the odd-length nibble, if any
+    q = codes[:codes.numel() // rows * rows].view(rows, -1).float()  # drop an odd last nibble
     if signed:
         x = (q - 2 ** (bits - 1)) * scale
     else:
@@ -797,33 +725,22 @@ def decode_state(state, shape, bits, signed, v_map="linear"):
     return x.view(-1)[:math.prod(shape)].view(shape)
 
 
-@functools.cache
-def triton_kernels():
-    """kernels.py when Triton is installed, else None (looked up once)."""
-    try:
-        import kernels
-    except ImportError:
-        return None
-    return kernels if kernels.triton is not None else None
-
-
 class QAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction) with moments stored in m_bits / v_bits.
 
-    Each step decodes m and v to fp32, does torch.optim.AdamW's arithmetic in the same order, and
-    encodes them again: state[p] = {"step", "m", "v"}, a moment being {"value"} at 32 or 16 bits
-    (bf16, rounded stochastically) or encode_state's {"codes", "scale"} at 8 or 4 bits. Only 2-D
-    tensors with at least `min_size` elements are quantized; biases, LayerNorm weights and small
-    tensors keep fp32 moments (a few KB; their statistics differ from the weights').
-    fused (None: on CUDA) sends fp32 states through torch's fused AdamW and block-wise 8/4-bit
-    states through kernels.py's one-pass kernel; this PyTorch step is the reference of both.
-    Loading a state does not check its format against this optimizer's: the caller does
-    (qgpt's check_resume).
+    Each step decodes m and v to fp32, does torch.optim.AdamW's arithmetic in the same order (at 32
+    bits the results are torch's to the bit), and encodes them again: state[p] = {"step", "m",
+    "v"}, a moment being {"value"} at 32 or 16 bits (bf16, rounded stochastically) or encode_state's
+    {"codes", "scale"} at 8 or 4 bits. Only 2-D tensors with at least `min_size` elements are
+    quantized; biases, LayerNorm weights and small tensors keep fp32 moments (a few KB).
+    fused (None: on CUDA) sends block-wise 8/4-bit states through kernels.py's one-pass kernel,
+    whose reference is this PyTorch step. Loading a state does not check its format against this
+    optimizer's: the caller does (check_resume).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, m_bits=32,
-                 v_bits=32, m_granularity="block", v_granularity="block", block_size=128, v_map="sqrt",
-                 min_size=4096, fused=None):
+                 v_bits=32, m_granularity="block", v_granularity="block", block_size=128,
+                 v_map="sqrt", min_size=4096, fused=None):
         for bits in (m_bits, v_bits):
             if bits not in (4, 8, 16, 32):
                 raise ValueError(f"state bits must be 4, 8, 16 or 32, got {bits}")
@@ -832,31 +749,26 @@ class QAdamW(torch.optim.Optimizer):
                         block_size=block_size, v_map=v_map, min_size=min_size)
         super().__init__(params, defaults)
         self.fused = fused
-        self.generators = {}  # bf16 states: the stochastic rounding's random streams, one per device
+        self.generators = {}  # bf16 states: the stochastic rounding's random streams, per device
         for group in self.param_groups:  # states exist from the start, so memory can be measured
             for p in group["params"]:
                 m_bits, v_bits = self.state_bits(p, group)
-                self.state[p] = {"step": torch.tensor(0.0, device=self._step_device(p, group)),
-                                 "m": self._encode(torch.zeros_like(p, dtype=torch.float32), m_bits, True, group),
-                                 "v": self._encode(torch.zeros_like(p, dtype=torch.float32), v_bits, False, group)}
+                zeros = torch.zeros_like(p, dtype=torch.float32)
+                self.state[p] = {"step": torch.tensor(0.0), "m": self._encode(zeros, m_bits, True, group),
+                                 "v": self._encode(zeros.clone(), v_bits, False, group)}
 
     def state_bits(self, p, group):
         """(m bits, v bits) of p's moments: 32 for 1-D and small tensors."""
         quantized = p.dim() == 2 and p.numel() >= group["min_size"]
         return (group["m_bits"], group["v_bits"]) if quantized else (32, 32)
 
-    def _path(self, p, group):
-        """Who updates p: 'torch' (fused AdamW, fp32 states), 'triton' (block-wise 8/4 bits) or 'loop'."""
-        bits, size = self.state_bits(p, group), group["block_size"]
-        if not (p.is_cuda if self.fused is None else self.fused):
-            return "loop"
-        if bits == (32, 32):
-            return "torch"
-        blockwise = group["m_granularity"] == group["v_granularity"] == "block" and size >= 2 and not size & (size - 1)
-        return "triton" if set(bits) <= {4, 8} and blockwise and p.is_contiguous() and triton_kernels() else "loop"
-
-    def _step_device(self, p, group):
-        return p.device if self._path(p, group) == "torch" else "cpu"  # the fused kernel reads it on the GPU
+    def _fused(self, p, group):
+        """Whether kernels.py's one-pass kernel updates p: block-wise 8/4-bit states on CUDA."""
+        size = group["block_size"]
+        return (bool(p.is_cuda if self.fused is None else self.fused) and kernels.triton is not None
+                and set(self.state_bits(p, group)) <= {4, 8} and p.is_contiguous()
+                and group["m_granularity"] == group["v_granularity"] == "block"
+                and size >= 2 and not size & (size - 1))
 
     def _generator(self, device):
         if str(device) not in self.generators:
@@ -880,26 +792,15 @@ class QAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            paths = {p: self._path(p, group) for p in group["params"] if p.grad is not None}
-            fused = [p for p, path in paths.items() if path == "torch"]
-            if fused:  # fp32 states: torch's fused AdamW, one kernel for all of them
-                states = [self.state[p] for p in fused]
-                steps = [state["step"] for state in states]
-                torch._foreach_add_(steps, 1)
-                torch._fused_adamw_(fused, [p.grad for p in fused], [state["m"]["value"] for state in states],
-                                    [state["v"]["value"] for state in states], [], steps, lr=lr, beta1=beta1,
-                                    beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
-            for p, path in paths.items():
+            for p in [p for p in group["params"] if p.grad is not None]:
                 state, (m_bits, v_bits) = self.state[p], self.state_bits(p, group)
-                if path == "torch":
-                    continue
                 grad = p.grad.float()
                 state["step"] += 1
                 step = state["step"].item()
-                if path == "triton":  # decode, update and encode in one pass over memory
-                    triton_kernels().adamw_lowbit_step(p, grad.contiguous(), state["m"], state["v"], m_bits, v_bits,
-                                                       group["v_map"], group["block_size"], step, lr, beta1, beta2,
-                                                       eps, wd)
+                if self._fused(p, group):  # decode, update and encode in one pass over memory
+                    kernels.adamw_lowbit_step(p, grad.contiguous(), state["m"], state["v"], m_bits,
+                                              v_bits, group["v_map"], group["block_size"], step, lr,
+                                              beta1, beta2, eps, wd)
                     continue
                 m, v = [state[k]["value"].float() if bits >= 16 else
                         decode_state(state[k], p.shape, bits, k == "m", group["v_map"])
@@ -909,34 +810,57 @@ class QAdamW(torch.optim.Optimizer):
                 m.lerp_(grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step_size = lr / (1 - beta1 ** step)
-                root = v.sqrt() if min(m_bits, v_bits) >= 16 else sqrt_rn(v)  # fp32/bf16: torch AdamW's own
+                root = v.sqrt() if min(m_bits, v_bits) >= 16 else sqrt_rn(v)  # fp32/bf16: torch's
                 denom = (root / math.sqrt(1 - beta2 ** step)).add_(eps)
                 p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-step_size)
-                state["m"], state["v"] = self._encode(m, m_bits, True, group), self._encode(v, v_bits, False, group)
+                state["m"] = self._encode(m, m_bits, True, group)
+                state["v"] = self._encode(v, v_bits, False, group)
         return loss
 
     def state_dict(self):
-        return {**super().state_dict(), "rounding": {d: g.get_state() for d, g in self.generators.items()}}
+        rounding = {d: g.get_state() for d, g in self.generators.items()}
+        return {**super().state_dict(), "rounding": rounding}
 
     def load_state_dict(self, state_dict):
-        """Our own loader: torch's would cast every state tensor (the uint8 codes too) to the parameter's dtype."""
+        """Our own loader: torch's would cast every state tensor (the uint8 codes too) to the
+        parameter's dtype."""
         sizes = [len(group["params"]) for group in self.param_groups]
         if [len(group["params"]) for group in state_dict["param_groups"]] != sizes:
-            raise UserError(f"the optimizer state does not fit this model's {sum(sizes)} parameter tensors")
+            raise UserError(f"the optimizer state does not fit this model's {sum(sizes)} "
+                            f"parameter tensors")
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
             for p, i in zip(group["params"], saved_group["params"]):
                 saved = state_dict["state"][i]
-                self.state[p] = {"step": saved["step"].to(self._step_device(p, group)),
-                                 **{k: {name: t.to(p.device) for name, t in saved[k].items()} for k in ("m", "v")}}
-        for device, rng_state in state_dict.get("rounding", {}).items():  # resume the same random stream
+                self.state[p] = {"step": saved["step"].cpu(), **{
+                    k: {name: t.to(p.device) for name, t in saved[k].items()} for k in ("m", "v")}}
+        for device, rng_state in state_dict.get("rounding", {}).items():  # the same random stream
             self._generator(device).set_state(rng_state)
 
 
+def make_optimizer(model, cfg):
+    """Weight decay on 2-D weights only (not on biases and LayerNorm), as GPT-2 / the paper. With
+    32-bit moments, torch.optim.AdamW itself (fused on a GPU): QAdamW at 32 bits gives its bits."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.m_bits == cfg.v_bits == 32:
+        fused = True if all(p.is_cuda for p in params) else None
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return QAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), m_bits=cfg.m_bits,
+                  v_bits=cfg.v_bits, m_granularity=cfg.m_granularity,
+                  v_granularity=cfg.v_granularity, block_size=cfg.state_block_size,
+                  v_map=cfg.v_map)
+
+
 def state_bytes(optimizer):
-    """Bytes held by each Adam moment, summed over the actual state tensors."""
-    return {k: sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state[k].values())
-            for k in ("m", "v")}
+    """Bytes held by each Adam moment: QAdamW's state tensors as stored; torch.optim.AdamW's two
+    fp32 moments (4 bytes per parameter each; it makes them at its first step)."""
+    if isinstance(optimizer, QAdamW):
+        return {k: sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                       for t in state[k].values()) for k in ("m", "v")}
+    n = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    return {"m": 4 * n, "v": 4 * n}
 
 
 def memory_table(model, optimizer):
@@ -948,23 +872,13 @@ def memory_table(model, optimizer):
     states = state_bytes(optimizer)
     lines = [f"memory for {n / 1e6:.2f}M parameters    MiB  bytes/param"]
     for name, b in [("weights", weights), ("gradients", grads), ("adam m", states["m"]),
-                    ("adam v", states["v"]), ("total", weights + grads + states["m"] + states["v"])]:
+                    ("adam v", states["v"]), ("total", weights + grads + sum(states.values()))]:
         lines.append(f"  {name:28s}{b / 2 ** 20:8.1f}  {b / n:6.3f}")
     return "\n".join(lines)
 
 
-def make_optimizer(model, cfg):
-    """Weight decay on 2-D weights only (not on biases and LayerNorm), as GPT-2 / the paper."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return QAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), m_bits=cfg.m_bits, v_bits=cfg.v_bits,
-                  m_granularity=cfg.m_granularity, v_granularity=cfg.v_granularity,
-                  block_size=cfg.state_block_size, v_map=cfg.v_map)
-
-
 # ----------------------------------------------------------------------------------------------
-# Data: uint16 token files made by prepare_data.py.
+# Training, evaluation, checkpoints, sampling (data: uint16 token files from prepare_data.py).
 
 def get_batch(data, batch_size, block_size, generator, device):
     """(B, T) inputs and next-token targets from random offsets drawn with `generator`."""
@@ -973,9 +887,6 @@ def get_batch(data, batch_size, block_size, generator, device):
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
     return x.to(device), y.to(device)
 
-
-# ----------------------------------------------------------------------------------------------
-# Training, evaluation, checkpoints, sampling.
 
 def get_lr(it, cfg):
     """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_iters."""
@@ -987,14 +898,6 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu")
-    return torch.device(name)
-
-
 def autocast_context(device):
     """bf16 autocast on CUDA (fp32 master weights); plain fp32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -1003,11 +906,13 @@ def autocast_context(device):
 def build_model(cfg, vocab_size, device):
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, vocab_size)
-    backend = select_backend(cfg, device)
     if min(cfg.wbits, cfg.abits, cfg.gbits) <= 8:
+        uses_kernels = RECIPES[cfg.recipe].uses_kernels
+        backend = select_backend(cfg, device) if uses_kernels else None
         swapped = quantize_model(model, cfg, backend)
-        print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} g{cfg.gbits})"
-              + ("; the LM head stays full precision" if not cfg.quantize_head else ""))
+        print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} "
+              f"g{cfg.gbits})" + ("; the LM head stays full precision" if not cfg.quantize_head
+                                  else ""))
     return model.to(device)
 
 
@@ -1030,9 +935,9 @@ def evaluate(model, data, cfg, device):
 
 def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta):
     """Write to a temporary file, then rename: a crash leaves the previous checkpoint intact."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-            "iter": it, "best_val": best_val, "meta": meta, "rng_cpu": torch.get_rng_state(),
-            "rng_batches": batch_gen.get_state()}
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": dataclasses.asdict(cfg), "iter": it, "best_val": best_val, "meta": meta,
+            "rng_cpu": torch.get_rng_state(), "rng_batches": batch_gen.get_state()}
     if torch.cuda.is_available():
         ckpt["rng_cuda"] = torch.cuda.get_rng_state_all()
     tmp = path + ".tmp"
@@ -1040,17 +945,347 @@ def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta):
     os.replace(tmp, path)
 
 
+def train(cfg, stop_at=None):
+    """Train cfg (validated); returns (model, {'losses': [per-step train loss], 'evals': [(step,
+    train, val)], 'skipped': steps skipped, 'diverged_at': step or None, 'tokens_per_s': float}).
+
+    stop_at: behave as if interrupted at that step (evaluate, save, return), for tests.
+    Under torchrun every process draws every micro-batch from the same generator and computes the
+    ones whose index falls to it, so N processes see exactly the global batch of one process.
+    """
+    rank, world, device = setup_distributed(cfg)
+    data, meta = load_data(cfg)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    model = build_model(cfg, meta["vocab_size"], device)
+    optimizer = make_optimizer(model, cfg)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    start, best_val = 0, float("inf")
+    if cfg.init_from == "resume":
+        start, best_val = resume(ckpt_path, cfg, meta, model, optimizer, batch_gen)
+    else:
+        torch.manual_seed(cfg.seed)
+    make_out_dir(cfg)
+    print(memory_table(model, optimizer))
+    run_model = model
+    if cfg.compile:
+        try:
+            run_model = torch.compile(model)
+        except Exception as e:
+            print(f"torch.compile unavailable ({type(e).__name__}); running eagerly")
+    step_model = run_model
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        step_model = nn.parallel.DistributedDataParallel(run_model, device_ids=device_ids)
+    stop = {"signal": False}
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))
+    history = {"losses": [], "evals": [], "skipped": 0, "diverged_at": None, "tokens_per_s": 0.0}
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    t0 = t_start = time.time()
+    try:
+        for it in range(start, cfg.max_iters + 1):
+            # all ranks stop together
+            stop["signal"] = _all_reduce(stop["signal"] or it == stop_at, world) > 0
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters or stop["signal"]:
+                losses = evaluate(run_model, data, cfg, device)
+                history["evals"].append((it, losses["train"], losses["val"]))
+                best_val = min(best_val, losses["val"])
+                print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if (it > start or stop["signal"]) and rank == 0:
+                    save_checkpoint(ckpt_path, model, optimizer, cfg, it, best_val, batch_gen, meta)
+                if stop["signal"]:
+                    print(f"interrupted: saved step {it} to {ckpt_path}; continue with --init_from "
+                          f"resume")
+                    break
+            if it == cfg.max_iters:
+                break
+            lr = get_lr(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            diag_step = cfg.diag_interval and it % cfg.diag_interval == 0
+            loss_sum = 0.0
+            with diagnose(model) if diag_step else nullcontext() as stats:
+                for micro in range(cfg.grad_accum):
+                    x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, batch_gen,
+                                     device)
+                    if micro % world != rank:
+                        continue  # another process computes this micro-batch
+                    last = micro + world >= cfg.grad_accum  # DDP syncs gradients on the last one
+                    with nullcontext() if last or world == 1 else step_model.no_sync():
+                        with autocast_context(device):
+                            _, loss = step_model(x, y)
+                        (loss * world / cfg.grad_accum).backward()  # DDP averages over processes
+                    loss_sum += loss.item() / cfg.grad_accum
+            loss_sum = _all_reduce(loss_sum, world)
+            clip = cfg.grad_clip or math.inf  # 0: no clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                if not cfg.skip_nonfinite:
+                    history["diverged_at"] = it
+                    print(f"step {it}: non-finite loss or gradient (recipe {cfg.recipe}, "
+                          f"w{cfg.wbits} a{cfg.abits} g{cfg.gbits} m{cfg.m_bits} v{cfg.v_bits}); "
+                          f"stopped, last good checkpoint kept")
+                    break
+                history["skipped"] += 1
+                print(f"step {it}: non-finite loss or gradient, step skipped "
+                      f"({history['skipped']} so far)")
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history["losses"].append(loss_sum)
+            if diag_step:
+                print(diagnostics_table(stats))
+            if (it + 1) % cfg.log_interval == 0:
+                dt = (time.time() - t0) / cfg.log_interval
+                t0 = time.time()
+                print(f"step {it + 1}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
+                      f"{tokens_per_step / dt:.0f} tokens/s")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    elapsed = max(time.time() - t_start, 1e-9)
+    history["tokens_per_s"] = max(1, len(history["losses"])) * tokens_per_step / elapsed
+    return model, history
+
+
+def sample(cfg, model=None, meta=None):
+    """Decode cfg.num_samples continuations of cfg.prompt; from out_dir/ckpt.pt unless given one."""
+    device = pick_device(cfg.device)
+    if model is None:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        meta = ckpt["meta"]
+        model = build_model(checkpoint_config(ckpt), meta["vocab_size"], device)
+        model.load_state_dict(ckpt["model"])
+    check_prompt(cfg.prompt, meta)
+    encode, decode = load_codec(meta)
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    start = torch.tensor([encode(cfg.prompt) or [0]], dtype=torch.long, device=device)
+    texts = []
+    for _ in range(cfg.num_samples):
+        with autocast_context(device):
+            out = model.generate(start, cfg.max_new_tokens, cfg.temperature, cfg.top_k, gen)
+        texts.append(decode(out[0].tolist()))
+        print(texts[-1] + "\n" + "-" * 40)
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics: each Linear's operands, seen through hooks (the quantized Linear holds none of it).
+
+@contextmanager
+def operand_hooks(model, record, kind=nn.Linear):
+    """While the block runs, call record(name, module, "X" or "G", tensor) with the input X and
+    the output gradient G of every `kind` module, each as a 2-D (tokens, features) tensor."""
+    handles = []
+
+    def flat(t):
+        return t.detach().reshape(-1, t.shape[-1])
+    for name, m in model.named_modules():
+        if isinstance(m, kind):
+            handles.append(m.register_forward_pre_hook(
+                lambda m, args, name=name: record(name, m, "X", flat(args[0]))))
+            handles.append(m.register_full_backward_hook(
+                lambda m, _, g_out, name=name: record(name, m, "G", flat(g_out[0]))))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def quantization_stats(x, bits, granularity="row", absmax_floor=ACT_FLOOR, group_size=None):
+    """One quantization's damage: relative error, codes at the extreme level, nonzeros made 0."""
+    codes, scale, _ = quantize(x, bits, granularity, True, group_size, absmax_floor)
+    x = x.float()
+    x_hat = dequantize(codes, scale)
+    nonzero = x != 0
+    return {"rel_err": ((x - x_hat).norm() / x.norm().clamp(min=1e-30)).item(),
+            "saturated": (codes.abs() >= 2 ** (bits - 1) - 1).float().mean().item(),
+            "zeroed": ((x_hat == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1)}
+
+
+@contextmanager
+def diagnose(model):
+    """Measure, on the forward and backward run inside the block, what each QLinear's recipe does
+    to its W, X and G. Yields {layer: {"W" | "X" | "G": quantization_stats}} (the last micro-step's)."""
+    stats = {}
+
+    def record(name, module, operand, t):
+        quantizers = module.recipe.operand_quantizers()
+        group_size = getattr(module.recipe, "group_size", None)
+        pairs = [("W", module.weight.detach()), ("X", t)] if operand == "X" else [("G", t)]
+        for what, tensor in pairs:
+            bits, granularity, floor = quantizers[what]
+            if bits < 16 and not (what == "W" and "W" in stats.get(name, {})):  # W: once
+                stats.setdefault(name, {})[what] = quantization_stats(tensor, bits, granularity,
+                                                                      floor, group_size)
+
+    with operand_hooks(model, record, QLinear):
+        yield stats
+
+
+def diagnostics_table(stats):
+    """One line per quantized layer: relative error of W, X, G, X codes saturated, G zeroed."""
+    columns = [("W", "rel_err"), ("X", "rel_err"), ("X", "saturated"), ("G", "rel_err"),
+               ("G", "zeroed")]
+    lines = [f"{'layer':28s} {'W err':>8s} {'X err':>8s} {'X sat':>8s} {'G err':>8s} {'G->0':>8s}"]
+    for name, layer in stats.items():
+        lines.append(f"{name:28s} " + " ".join(
+            f"{layer[op][key]:8.4f}" if op in layer else f"{'-':>8s}" for op, key in columns))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: presets, flags, validation, devices and backends, checkpoints and resuming, processes.
+
+# Presets: model/training sizes and the paper's quantization configurations. Combine with commas.
+PRESETS = {
+    "cpu": {},  # the defaults: a 0.8M-parameter char model, about 2 minutes on 2 cores
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, grad_accum=32,
+                 max_iters=300000, lr=6e-4, min_lr=6e-5, warmup_iters=1000, beta2=0.95,
+                 weight_decay=0.1, grad_clip=1.0, dataset="shakespeare", eval_interval=1000,
+                 eval_iters=100, log_interval=10),
+    "baseline": dict(wbits=32, abits=32, gbits=32),
+    "w8": dict(wbits=8, w_granularity="row"), "w8t": dict(wbits=8, w_granularity="tensor"),
+    "w4": dict(wbits=4, w_granularity="row"), "w4t": dict(wbits=4, w_granularity="tensor"),
+    "a8": dict(abits=8, a_granularity="row"), "a8t": dict(abits=8, a_granularity="tensor"),
+    "a4": dict(abits=4, a_granularity="row"), "a4t": dict(abits=4, a_granularity="tensor"),
+    "a8col": dict(abits=8, a_granularity="column"),  # per feature over the batch (authors' code)
+    "g8": dict(gbits=8, g_granularity="row"), "g8t": dict(gbits=8, g_granularity="tensor"),
+    "w8a8": dict(wbits=8, abits=8, w_granularity="row", a_granularity="row"),
+    "w8a8g8": dict(wbits=8, abits=8, gbits=8, w_granularity="row", a_granularity="row",
+                   g_granularity="row"),
+    # the LM head stays bf16: at GPT-2's 50k vocabulary an 8-bit row of its gradient keeps only
+    # the target
+    "int8": dict(recipe="int8", wbits=8, abits=8, gbits=8, g_matmuls="both", quantize_head=False),
+    "m8": dict(m_bits=8, m_granularity="tensor"), "m8c": dict(m_bits=8, m_granularity="row"),
+    "m4": dict(m_bits=4, m_granularity="tensor"), "m4c": dict(m_bits=4, m_granularity="row"),
+    "v8": dict(v_bits=8, v_granularity="tensor", v_map="linear"),
+    "v8sqrt": dict(v_bits=8, v_map="sqrt"),
+    "adam8": dict(m_bits=8, v_bits=8), "adam4": dict(m_bits=4, v_bits=4),
+}
+
+
+def build_parser(show_defaults=True):
+    """argparse from Config. With show_defaults=False, only flags given explicitly are returned."""
+    parser = OneLineParser(
+        description="qgpt: quantized GPT-2 pre-training. README.md explains the recipes.",
+        epilog="presets (--preset a,b; each prints what it sets): " + ", ".join(PRESETS),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None if show_defaults else argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        kwargs = dict(help=f.metadata["help"])
+        if show_defaults:
+            kwargs["default"] = f.default
+        if isinstance(f.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = type(f.default)
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name, **kwargs)
+    return parser
+
+
+def parse_config(argv=None):
+    """Defaults, then presets (each printed), then the flags given explicitly on the command line."""
+    build_parser().parse_args(argv)  # -h, and errors for unknown flags or bad values
+    given = vars(build_parser(show_defaults=False).parse_args(argv))
+    cfg = Config()
+    for name in [p for p in given.get("preset", "").split(",") if p]:
+        if name not in PRESETS:
+            raise UserError(f"unknown preset '{name}'; choose from: {', '.join(PRESETS)}")
+        settings = ", ".join(f"{k}={v}" for k, v in PRESETS[name].items()) or "defaults"
+        print(f"preset {name}: {settings}")
+        cfg = dataclasses.replace(cfg, **PRESETS[name])
+    return dataclasses.replace(cfg, **given)
+
+
+RULES = [  # (flags, the test each value must pass, what the error says it must be)
+    (["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_iters",
+      "eval_interval", "log_interval", "state_block_size", "group_size", "num_samples"],
+     lambda v: v > 0, "a positive integer"),
+    (["max_iters", "warmup_iters", "diag_interval", "max_new_tokens", "top_k", "min_lr",
+      "weight_decay", "grad_clip"], lambda v: v >= 0, ">= 0"),
+    (["lr", "temperature"], lambda v: 0 < v < math.inf, "> 0"),
+    (["beta1", "beta2", "dropout"], lambda v: 0 <= v < 1, "in [0, 1)"),
+    (["wbits", "abits", "gbits"], lambda v: 2 <= v <= 8 or v in (16, 32),
+     "in 2..8, or 16/32 for no quantization"),
+    (["m_bits", "v_bits"], lambda v: v in (4, 8, 16, 32), "4, 8, 16 or 32"),
+]
+
+
+def validate_config(cfg):
+    """Refuse configurations that cannot run, with one line that says what to change."""
+    for names, valid, what in RULES:
+        for name in names:
+            if not valid(getattr(cfg, name)):
+                raise UserError(f"--{name} must be {what}, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    RECIPES[cfg.recipe].validate(cfg)
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else \
+            "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
+
+
+def select_backend(cfg, device):
+    """The int8 recipe's backend: the Triton kernels on a CUDA GPU with int8 tensor cores."""
+    if cfg.backend == "sim":
+        return kernels.ReferenceBackend
+    if device.type != "cuda":
+        reason = "no CUDA device"
+    elif torch.cuda.get_device_capability(device) < (8, 0):
+        reason = "GPU older than sm80 (no int8 tensor cores)"
+    else:
+        reason = None if kernels.triton is not None else "triton is not installed"
+    if reason is None:
+        print("backend: Triton int8 kernels (kernels.py)")
+        return kernels.TritonBackend
+    if cfg.backend == "triton":
+        raise UserError(f"--backend triton needs a CUDA GPU (sm80+) with triton installed: {reason}")
+    print(f"backend: simulated int8 in PyTorch ({reason})")
+    return kernels.ReferenceBackend
+
+
+def make_out_dir(cfg):
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {cfg.out_dir} ({e.strerror}): choose "
+                        f"another --out_dir")
+    if not os.access(cfg.out_dir, os.W_OK):
+        raise UserError(f"output folder {cfg.out_dir} is not writable: choose another with --out_dir")
+
+
 def load_checkpoint(path):
     """torch.load with weights_only=True: a checkpoint holds tensors and plain values, never code."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train first (python qgpt.py), or point --out_dir at one")
+        raise UserError(f"no checkpoint at {path}: train first (python qgpt.py), or point --out_dir "
+                        f"at one")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, or holding objects that are not plain data
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt or truncated")
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt or "
+                        f"truncated")
+
+
+def checkpoint_config(ckpt):
+    """The Config a checkpoint was trained with (flags it predates take their defaults)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in ckpt["config"].items() if k in names})
 
 
 SHAPE_KEYS = ["n_layer", "n_head", "n_embd", "block_size", "bias"]
+LINEAR_KEYS = ["recipe", "wbits", "abits", "gbits", "w_granularity", "a_granularity",
+               "g_granularity", "group_size", "a_asymmetric", "g_matmuls", "token_group",
+               "quantize_head"]
 STATE_KEYS = ["m_bits", "v_bits", "m_granularity", "v_granularity", "state_block_size", "v_map"]
 
 
@@ -1058,19 +1293,44 @@ def check_resume(ckpt, cfg, meta):
     """Refuse to resume into another model shape, vocabulary or (without the flag) quantization.
 
     Returns the quantization keys that change (allowed by --allow_config_change)."""
-    saved = ckpt["config"]
-    changes = {k: f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in SHAPE_KEYS + LINEAR_KEYS + STATE_KEYS
-               if saved.get(k) != getattr(cfg, k)}
+    saved = dataclasses.asdict(checkpoint_config(ckpt))
+    changes = {k: f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in SHAPE_KEYS + LINEAR_KEYS
+               + STATE_KEYS if saved[k] != getattr(cfg, k)}
     shape = [change for k, change in changes.items() if k in SHAPE_KEYS]
     if shape:
-        raise UserError(f"the checkpoint has another model shape ({', '.join(shape)}): use its flags to resume")
+        raise UserError(f"the checkpoint has another model shape ({', '.join(shape)}): use its "
+                        f"flags to resume")
     if ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
-        raise UserError(f"dataset '{cfg.dataset}' has vocab {meta['vocab_size']} but the checkpoint was trained "
-                        f"with vocab {ckpt['meta']['vocab_size']}: resume on the dataset it was trained on")
+        raise UserError(f"dataset '{cfg.dataset}' has vocab {meta['vocab_size']} but the checkpoint "
+                        f"was trained with vocab {ckpt['meta']['vocab_size']}: resume on the "
+                        f"dataset it was trained on")
     if changes and not cfg.allow_config_change:
-        raise UserError(f"the checkpoint was trained with another quantization ({', '.join(changes.values())}): "
-                        f"add --allow_config_change to switch it on resume")
+        raise UserError(f"the checkpoint was trained with another quantization "
+                        f"({', '.join(changes.values())}): add --allow_config_change to switch it")
     return list(changes)
+
+
+def resume(path, cfg, meta, model, optimizer, batch_gen):
+    """Load a checkpoint into the model, the optimizer and the random streams; returns (step,
+    best val loss)."""
+    ckpt = load_checkpoint(path)
+    changed = check_resume(ckpt, cfg, meta)
+    model.load_state_dict(ckpt["model"])
+    if set(changed) & set(STATE_KEYS):
+        print("optimizer states start afresh (their format changed)")
+    else:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"the optimizer state in {path} is of another format ({e}): add "
+                            f"--allow_config_change and change an Adam state flag to start it "
+                            f"afresh")
+    torch.set_rng_state(ckpt["rng_cpu"])
+    batch_gen.set_state(ckpt["rng_batches"])
+    if "rng_cuda" in ckpt and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    print(f"resumed from {path} at step {ckpt['iter']}")
+    return ckpt["iter"], ckpt["best_val"]
 
 
 def setup_distributed(cfg):
@@ -1101,139 +1361,6 @@ def _all_reduce(value, world):
     return t.item()
 
 
-def train(cfg, stop_at=None):
-    """Train cfg (validated); returns (model, {'losses': [per-step train loss], 'evals': [(step, train, val)],
-    'skipped': steps skipped, 'diverged_at': step or None, 'tokens_per_s': float}).
-
-    stop_at: behave as if interrupted at that step (evaluate, save, return), for tests.
-    Under torchrun every process draws every micro-batch from the same generator and computes the
-    ones whose index falls to it, so N processes see exactly the global batch of one process.
-    """
-    rank, world, device = setup_distributed(cfg)
-    data, meta = load_data(cfg)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    model = build_model(cfg, meta["vocab_size"], device)
-    optimizer = make_optimizer(model, cfg)
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
-    start, best_val = 0, float("inf")
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-        changed = check_resume(ckpt, cfg, meta)
-        model.load_state_dict(ckpt["model"])
-        if set(changed) & set(STATE_KEYS):
-            print("optimizer states start afresh (their format changed)")
-        else:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        start, best_val = ckpt["iter"], ckpt["best_val"]
-        torch.set_rng_state(ckpt["rng_cpu"])
-        batch_gen.set_state(ckpt["rng_batches"])
-        if "rng_cuda" in ckpt and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-        print(f"resumed from {ckpt_path} at step {start}")
-    else:
-        torch.manual_seed(cfg.seed)
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output folder {cfg.out_dir} ({e.strerror}): choose another --out_dir")
-    if not os.access(cfg.out_dir, os.W_OK):
-        raise UserError(f"output folder {cfg.out_dir} is not writable: choose another with --out_dir")
-    print(memory_table(model, optimizer))
-    run_model = model
-    if cfg.compile:
-        try:
-            run_model = torch.compile(model)
-        except Exception as e:
-            print(f"torch.compile unavailable ({type(e).__name__}); running eagerly")
-    step_model = run_model
-    if world > 1:
-        step_model = nn.parallel.DistributedDataParallel(run_model, device_ids=[device.index] if device.type == "cuda" else None)
-    stop = {"signal": False}
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))
-    history = {"losses": [], "evals": [], "skipped": 0, "diverged_at": None, "tokens_per_s": 0.0}
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    t0 = t_start = time.time()
-    try:
-        for it in range(start, cfg.max_iters + 1):
-            stop["signal"] = _all_reduce(stop["signal"] or it == stop_at, world) > 0  # all ranks stop together
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters or stop["signal"]:
-                losses = evaluate(run_model, data, cfg, device)
-                history["evals"].append((it, losses["train"], losses["val"]))
-                best_val = min(best_val, losses["val"])
-                print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if (it > start or stop["signal"]) and rank == 0:
-                    save_checkpoint(ckpt_path, model, optimizer, cfg, it, best_val, batch_gen, meta)
-                if stop["signal"]:
-                    print(f"interrupted: saved step {it} to {ckpt_path}; continue with --init_from resume")
-                    break
-            if it == cfg.max_iters:
-                break
-            lr = get_lr(it, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            diag_step = cfg.diag_interval and it % cfg.diag_interval == 0
-            loss_sum = 0.0
-            with diagnose(model) if diag_step else nullcontext() as stats:
-                for micro in range(cfg.grad_accum):
-                    x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, batch_gen, device)
-                    if micro % world != rank:
-                        continue  # another process computes this micro-batch
-                    last = micro + world >= cfg.grad_accum  # DDP syncs gradients only on the last one
-                    with nullcontext() if last or world == 1 else step_model.no_sync():
-                        with autocast_context(device):
-                            _, loss = step_model(x, y)
-                        (loss * world / cfg.grad_accum).backward()  # DDP averages over the processes
-                    loss_sum += loss.item() / cfg.grad_accum
-            loss_sum = _all_reduce(loss_sum, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # 0: no clipping
-            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                if not cfg.skip_nonfinite:
-                    history["diverged_at"] = it
-                    print(f"step {it}: non-finite loss or gradient (recipe {cfg.recipe}, w{cfg.wbits} a{cfg.abits} "
-                          f"g{cfg.gbits} m{cfg.m_bits} v{cfg.v_bits}); stopped, last good checkpoint kept")
-                    break
-                history["skipped"] += 1
-                print(f"step {it}: non-finite loss or gradient, step skipped ({history['skipped']} so far)")
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            history["losses"].append(loss_sum)
-            if diag_step:
-                print(diagnostics_table(stats))
-            if (it + 1) % cfg.log_interval == 0:
-                dt = (time.time() - t0) / cfg.log_interval
-                t0 = time.time()
-                print(f"step {it + 1}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
-                      f"{tokens_per_step / dt:.0f} tokens/s")
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    history["tokens_per_s"] = max(1, len(history["losses"])) * tokens_per_step / max(time.time() - t_start, 1e-9)
-    return model, history
-
-
-def sample(cfg, model=None, meta=None):
-    """Decode cfg.num_samples continuations of cfg.prompt; from out_dir/ckpt.pt unless given a model."""
-    device = pick_device(cfg.device)
-    if model is None:
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-        meta = ckpt["meta"]
-        model = build_model(Config(**ckpt["config"]), meta["vocab_size"], device)
-        model.load_state_dict(ckpt["model"])
-    check_prompt(cfg.prompt, meta)
-    encode, decode = load_codec(meta)
-    model.eval()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    start = torch.tensor([encode(cfg.prompt) or [0]], dtype=torch.long, device=device)
-    texts = []
-    for _ in range(cfg.num_samples):
-        with autocast_context(device):
-            out = model.generate(start, cfg.max_new_tokens, cfg.temperature, cfg.top_k, gen)
-        texts.append(decode(out[0].tolist()))
-        print(texts[-1] + "\n" + "-" * 40)
-    return texts
-
-
 def main(argv=None):
     """Entry point; returns the exit code (0 done, 1 diverged, 2 bad input)."""
     try:
@@ -1241,7 +1368,7 @@ def main(argv=None):
         validate_config(cfg)
         if cfg.mode == "sample":
             sample(cfg)
-        elif cfg.mode == "memory":  # no data needed: the dataset's vocabulary if it exists, else GPT-2's
+        elif cfg.mode == "memory":  # no data needed: the dataset's vocabulary if any, else GPT-2's
             meta_path = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")
             vocab_size = int(read_meta(cfg)["vocab_size"]) if os.path.isfile(meta_path) else 50257
             model = build_model(cfg, vocab_size, torch.device("cpu"))

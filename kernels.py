@@ -508,7 +508,7 @@ def _check_launchable(*tensors):
 # the multi-pass and ragged paths.
 QUANTIZE_BLOCKS = {
     "gpu": dict(BLOCK_K=4096, ROW_ELEMENTS=8192, BLOCK_M=64, BLOCK_N=128, warps=8),
-    "interpreter": dict(BLOCK_K=64, ROW_ELEMENTS=256, BLOCK_M=8, BLOCK_N=16, warps=4)}
+    "interpreter": dict(BLOCK_K=64, ROW_ELEMENTS=1024, BLOCK_M=16, BLOCK_N=32, warps=4)}
 
 
 def quantize_dual(x, bits=8, absmax_floor=1e-5, token_group=0, rows=True, columns=True):

@@ -968,6 +968,71 @@ def on_kdev(*tensors):
     return [t.to(KDEV) for t in tensors]
 
 
+@pytest.fixture(autouse=True)
+def interpreter_bounds_check(monkeypatch):
+    """Under Triton's interpreter a load or store outside every argument's memory corrupts the
+    process: pytest would die with "Fatal Python error: Aborted" and no test name. Check every
+    address first, and fail the test with the kernel's name and the address instead."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or kernels.triton is None:
+        yield
+        return
+    import triton.runtime.interpreter as interp
+    launch = {"kernel": "?", "ranges": []}
+    real_init, real_load = interp.GridExecutor._init_args_hst, interp.InterpreterBuilder.create_masked_load
+    real_store = interp.InterpreterBuilder.create_masked_store
+
+    def init(self, args_dev, kwargs):
+        args_hst, kwargs_hst = real_init(self, args_dev, kwargs)
+        tensors = [a.base if hasattr(a, "base") and not hasattr(a, "data_ptr") else a
+                   for a in [*args_hst, *kwargs_hst.values()]]
+        launch["kernel"] = self.fn.__name__
+        launch["ranges"] = [(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in
+                            (a.untyped_storage() for a in tensors if hasattr(a, "data_ptr"))]
+        return args_hst, kwargs_hst
+
+    def check(kind, ptrs, mask, size):
+        address = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.int64)
+        inside = np.zeros(address.shape, dtype=bool)
+        for start, end in launch["ranges"]:
+            inside |= (address >= start) & (address + size <= end)
+        if not inside.all():
+            bad = int(address[~inside][0])
+            raise IndexError(f"{launch['kernel']}: {int((~inside).sum())} {kind}s out of bounds, the "
+                             f"first at address {bad:#x}, outside every tensor argument (a mask or an "
+                             f"offset is wrong)")
+
+    def load(self, ptrs, mask, other, cache_policy, is_volatile):
+        check("load", ptrs, mask, ptrs.get_element_ty().primitive_bitwidth // 8)
+        return real_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def store(self, ptrs, value, mask, cache_policy):
+        check("store", ptrs, mask, value.data.dtype.itemsize)
+        return real_store(self, ptrs, value, mask, cache_policy)
+    monkeypatch.setattr(interp.GridExecutor, "_init_args_hst", init)
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", load)
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_store", store)
+    yield
+
+
+if kernels.triton is not None:
+    tl = kernels.tl
+
+    @kernels.triton.jit
+    def _store_past_the_end(x_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, offs.to(tl.float32))  # no mask: a wrong kernel
+
+
+@pytest.mark.skipif(KDEV != "cpu", reason="the check is the interpreter's; a GPU has its own tools")
+@needs_triton
+def test_interpreter_bounds_check_names_the_kernel():
+    """A kernel that stores past the end of its tensor fails its test with its name, and pytest
+    lives on (without the check the interpreter writes over other memory)."""
+    x = torch.zeros(4)
+    with pytest.raises(Exception, match="_store_past_the_end: 60 stores out of bounds"):
+        _store_past_the_end[(1,)](x, BLOCK=64)
+
+
 @needs_triton
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 17, 5), (33, 64, 31), (64, 130, 48), (130, 40, 129)])
 def test_kernel_matmul_exact_int32(M, K, N):
@@ -1002,25 +1067,6 @@ def test_kernel_matmul_strided_inputs_and_epilogue():
     # bf16 keeps 8 significant bits; Triton's interpreter truncates the cast where a GPU rounds to nearest:
     # one bf16 step (2^-7 relative) covers both.
     assert got16.dtype == torch.bfloat16 and torch.allclose(got16.float(), ref, rtol=2 ** -7, atol=0)
-
-
-@needs_triton
-@pytest.mark.parametrize("M,K", [(1, 1), (5, 129), (40, 300), (17, 64)])
-def test_kernel_quantize_equals_qgpt_quantize(M, K):
-    x = torch.randn(M, K) * torch.rand(M, 1) * 4
-    x[0, :] = 0.0  # an all-zero row takes the floor
-    xk, = on_kdev(x)
-    for bits in (8, 4):
-        codes, scale = [t.cpu() for t in kernels.quantize_rows(xk, bits)]
-        ref_codes, ref_scale, _ = quantize(x, bits, "row")
-        assert torch.equal(codes, ref_codes), f"quantize_rows {bits}-bit codes differ from qgpt.quantize(row)"
-        assert torch.equal(scale, ref_scale), "quantize_rows scales differ"
-        codes, scale = [t.cpu() for t in kernels.quantize_columns(xk, bits)]
-        ref_codes, ref_scale, _ = quantize(x, bits, "column")
-        assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale), "quantize_columns differs"
-    codes, scale = [t.cpu() for t in kernels.quantize_rows(xk.to(torch.bfloat16))]
-    ref_codes, ref_scale, _ = quantize(x.to(torch.bfloat16), 8, "row")
-    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale), "bf16 input"
 
 
 @needs_triton
@@ -1073,21 +1119,6 @@ def test_kernel_matmul_tma_exact_int32(M, K, N):
     ref = kernels.int8_matmul_reference(a, a_scale, bt.t(), b_scale, bias)
     # the same fp32 epilogue operations; 1e-6 leaves room for a fused multiply-add
     assert compare("tma epilogue", got, ref, rtol=1e-6, atol=1e-6), "TMA kernel epilogue differs from the reference"
-
-
-@needs_triton
-@pytest.mark.parametrize("M,N", [(1, 1), (37, 70), (130, 96), (5, 300)])
-def test_kernel_quantize_both_equals_separate(M, N):
-    """Rows and columns in two passes give exactly the row kernel's and the column kernel's codes."""
-    gen = torch.Generator().manual_seed(M * N)
-    x = torch.randn(M, N, generator=gen) * torch.rand(M, 1, generator=gen) * 3
-    xk, = on_kdev(x)
-    (rows, row_scale), (cols_t, col_scale) = kernels.quantize_dual(xk)
-    ref_rows, ref_row_scale = kernels.quantize_rows(xk)
-    ref_cols, ref_col_scale = kernels.quantize_columns(xk)
-    assert torch.equal(rows, ref_rows) and torch.equal(row_scale, ref_row_scale), "row half differs"
-    assert torch.equal(cols_t, ref_cols.t()) and torch.equal(col_scale, ref_col_scale), "column half differs"
-    assert cols_t.is_contiguous(), "column codes must be stored as X^T's rows (K-major for dW)"
 
 
 @needs_triton
@@ -1218,30 +1249,150 @@ def _same(a, b):
     return a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
+def _difference(got, want, what):
+    """'' when got equals want (NaN where want is NaN), else where they first differ and how."""
+    got, want = got.cpu(), want.cpu()
+    if got.shape != want.shape:
+        return f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    same = (got == want) | (got.isnan() & want.isnan()) if got.is_floating_point() else got == want
+    if bool(same.all()):
+        return ""
+    i = tuple(int(v) for v in (~same).nonzero()[0])
+    return f"{what}: {int((~same).sum())} differ, the first at {list(i)}: got {got[i].item()}, " \
+           f"expected {want[i].item()}"
+
+
+def _adversarial(M, K, dtype, seed=0):
+    """(M, K) rows that break naive quantizers: exact .5 ties of both signs, NaN in a row's first
+    block and +-inf in its last, huge values, an all-zero row, subnormal-sized values."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen) * torch.rand(M, 1, generator=gen) * 4
+    if M > 4 and K > 8:
+        x[0, :8] = torch.tensor([63.5, -63.5, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5]) * 0.5
+        x[0, 8:] = x[0, 8:].clamp(-31.75, 31.75)
+        x[0, -1] = 63.5  # absmax 63.5: scale 0.5, so x / scale = k + 0.5 exactly (ties)
+        x[1, 0] = float("nan")  # in the first block of a multi-pass row
+        x[2, -1], x[3, K // 2] = float("inf"), -float("inf")
+        x[4] = 0.0
+    if M > 6:
+        x[5, ::3] = 3e38
+        x[6] = x[6] * 1e-30
+    return x.to(dtype)
+
+
+LAYOUTS = ["contiguous", "transposed", "sliced"]
+
+
+def _laid_out(x, layout):
+    """The same values as x, in memory laid out as asked: rows contiguous, columns contiguous
+    (a transposed view), or every other element of a wider tensor (strides 2 * 2K and 2)."""
+    if layout == "transposed":
+        return x.t().contiguous().t()
+    if layout == "sliced":
+        wide = torch.full((2 * x.shape[0], 2 * x.shape[1]), 7.0, dtype=x.dtype)
+        wide[::2, ::2] = x
+        return wide[::2, ::2]
+    return x
+
+
 @needs_triton
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_quantize_adversarial_equals_qgpt_quantize(dtype):
-    """Rows and columns holding ties, NaN, +-inf, huge and all-zero values, and subnormals (floor 0):
-    the kernels give qgpt.quantize's codes and scales exactly (a NaN scale stays NaN, its codes 0)."""
-    x = _adversarial_rows().to(dtype)
-    for floor, data in [(1e-5, x), (0.0, torch.tensor([[1e-40, -3e-39, 2e-41, 0.0], [5e-39, 1e-39, -1e-39, 4e-39]]))]:
-        data = data.to(dtype) if floor else data  # subnormals only exist in fp32 here
-        dk, = on_kdev(data)
-        for bits in (8, 4):
-            for name, got, axis in [("quantize_rows", kernels.quantize_rows(dk, bits, floor), "row"),
-                                    ("quantize_columns", kernels.quantize_columns(dk, bits, floor), "column"),
-                                    ("quantize_dual rows", kernels.quantize_dual(dk, bits, floor)[0], "row")]:
-                codes, scale, _ = quantize(data, bits, axis, absmax_floor=floor)
-                got_codes, got_scale = [t.cpu() for t in got]
-                bad = (got_codes != codes).nonzero().tolist()
-                assert not bad, f"{name} {bits}-bit {dtype} floor {floor}: codes differ at {bad[:4]}: " \
-                                f"{[got_codes[i, j].item() for i, j in bad[:4]]} vs {[codes[i, j].item() for i, j in bad[:4]]}"
-                assert _same(got_scale, scale), f"{name} {bits}-bit: scales {got_scale.view(-1).tolist()} vs " \
-                                                f"{scale.view(-1).tolist()}"
-    codes, scale, _ = quantize(x.float(), 8, "row")
-    assert scale[1].isnan() and scale[2].isinf() and (codes[1:4] == 0).all(), "the NaN and inf rows' contract"
-    assert codes[0, :8].tolist() == [64, -64, 0, 0, 2, -2, 2, -2], "ties go to the even code, both signs"
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on NaN
+@pytest.mark.parametrize("M,K,dtype,layout", [
+    (1, 1, torch.float32, "contiguous"), (7, 9, torch.bfloat16, "sliced"),
+    (17, 64, torch.float32, "transposed"), (40, 300, torch.bfloat16, "contiguous"),
+    (40, 300, torch.float32, "sliced"), (130, 70, torch.bfloat16, "transposed")])
+def test_kernel_quantize_rows_equals_qgpt_quantize(M, K, dtype, layout):
+    """kernels.quantize_rows = qgpt.quantize(x, b, "row"),
+    code for code and scale for scale, on ties, NaN (first block of a multi-pass row), +-inf,
+    huge, zero and tiny rows, in any strides; the interpreter reads rows in blocks of 64, so
+    K = 300 and 70 take the multi-pass path."""
+    x = _adversarial(M, K, dtype)
+    xk, = on_kdev(_laid_out(x, layout))
+    for bits, floor in [(8, 1e-5), (4, 1e-5), (8, 0.0)]:
+        codes, scale, _ = quantize(x, bits, "row", absmax_floor=floor)
+        got_codes, got_scale = kernels.quantize_rows(xk, bits, floor)
+        problem = _difference(got_codes, codes, f"{bits}-bit codes") or \
+            _difference(got_scale, scale, f"{bits}-bit scales")
+        assert not problem, f"quantize_rows {M}x{K} {dtype} {layout}, floor {floor}: {problem} " \
+                            f"(expected: qgpt.quantize row)"
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on NaN
+@pytest.mark.parametrize("M,K,token_group,dtype,layout", [
+    (1, 1, 0, torch.float32, "contiguous"), (40, 300, 16, torch.bfloat16, "sliced"),
+    (40, 9, 32, torch.float32, "transposed"), (130, 70, 64, torch.bfloat16, "contiguous"),
+    (33, 17, 16, torch.float32, "sliced"), (130, 70, 0, torch.float32, "transposed")])
+def test_kernel_quantize_columns_equals_qgpt_quantize(M, K, token_group, dtype, layout):
+    """The column half of kernels.quantize_dual: for each group of token_group consecutive rows
+    (0: all; the last group may be shorter), qgpt.quantize(x[group], b, "column"): codes stored as
+    X^T (K, M), contiguous, and scales (groups, K); any strides, the same adversarial values. Its
+    row half, from the same launch, equals kernels.quantize_rows."""
+    x = _adversarial(M, K, dtype)
+    xk, = on_kdev(_laid_out(x, layout))
+    group = token_group or M
+    for bits in (8, 4):
+        (row_codes, row_scale), (colt_codes, col_scale) = kernels.quantize_dual(xk, bits, 1e-5, token_group)
+        rows = kernels.quantize_rows(xk, bits, 1e-5)
+        assert not (_difference(row_codes, rows[0], "row codes") or _difference(row_scale, rows[1], "row scales")), \
+            "quantize_dual's row half must equal quantize_rows"
+        assert colt_codes.shape == (K, M) and colt_codes.is_contiguous(), "X^T codes, contiguous"
+        for j, m0 in enumerate(range(0, M, group)):
+            codes, scale, _ = quantize(x[m0:m0 + group], bits, "column")
+            problem = _difference(colt_codes.cpu()[:, m0:m0 + group].t(), codes, "column codes") or \
+                _difference(col_scale.cpu()[j:j + 1], scale, "column scales")
+            assert not problem, f"{M}x{K} {dtype} {layout} {bits}-bit, token group {j} (rows " \
+                                f"{m0}..{min(m0 + group, M) - 1}): {problem} (expected: qgpt.quantize column)"
+        assert col_scale.shape == (-(-M // group), K), f"scales: one row per token group, got {col_scale.shape}"
+        ref = kernels.quantize_dual_reference(x, bits, 1e-5, token_group)[1]
+        assert not (_difference(colt_codes, ref[0], "codes") or _difference(col_scale, ref[1], "scales")), \
+            "kernels.quantize_dual_reference must agree with the kernel"
+
+
+@needs_triton
+@pytest.mark.parametrize("K,k_group", [(70, 16), (64, 32), (300, 64), (16, 0)])
+def test_kernel_matmul_token_groups_exact(K, k_group):
+    """int8_matmul with K in groups of k_group (the last one shorter), one scale pair per group:
+    the same fp32 operations in the same order as int8_matmul_reference, so the same bits, on the
+    pointer kernel (any strides: B column-major) and the TMA kernel."""
+    gen = torch.Generator().manual_seed(K + k_group)
+    M, N = 33, 40
+    J = -(-K // (k_group or K))
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=gen)
+    bt = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
+    sa, sb = torch.rand(J, M, generator=gen) + 0.5, torch.rand(J, N, generator=gen) + 0.5
+    bias = torch.randn(N, generator=gen)
+    want = kernels.int8_matmul_reference(a, sa, bt.t(), sb, bias, k_group=k_group)
+    independent = sum((a[:, j * (k_group or K):(j + 1) * (k_group or K)].double()
+                       @ bt.t()[j * (k_group or K):(j + 1) * (k_group or K)].double())
+                      * sa[j].double()[:, None] * sb[j].double()[None, :] for j in range(J)) + bias.double()
+    err = (want.double() - independent).abs().max().item()
+    assert err <= 1e-5 * independent.abs().max().item(), f"the reference itself is off by {err:.3g}"
+    ak, btk, sak, sbk, biask = on_kdev(a, bt, sa, sb, bias)
+    c = torch.empty(M, N, device=KDEV)
+    for use_tma in (False, True) if kernels._tma_ok(ak, btk.t(), c) else (False,):
+        got = kernels.int8_matmul(ak, sak, btk.t(), sbk, biask, k_group=k_group, use_tma=use_tma)
+        problem = _difference(got, want, f"{'TMA' if use_tma else 'pointer'} kernel")
+        assert not problem, f"K {K} in groups of {k_group}: {problem} (expected: int8_matmul_reference)"
+
+
+@needs_triton
+def test_kernel_budget_int8_linear_at_most_7():
+    """One int8 QLinear on the Triton kernels, forward and backward of one micro-step (W's codes
+    made already: once per optimizer step), issues at most 7 kernels: Triton launches and PyTorch
+    operators that compute (each a kernel on a GPU). The design before this one issued 24."""
+    from tools import bench
+    cfg = Config(**qgpt.PRESETS["int8"], token_group=16)  # 40 tokens: 3 token groups
+
+    def make(n_in, n_out):
+        holder = nn.Sequential(nn.Linear(n_in, n_out))
+        qgpt.quantize_model(holder, cfg, kernels.TritonBackend)
+        return holder[0]
+    count, names = bench.linear_step_kernels(make, 40, 24, 16, torch.device(KDEV))
+    print(f"one int8 QLinear, one micro-step: {count} kernels: {names}")
+    assert count <= 7, f"{count} kernels per micro-step, more than 7: {names}"
+    assert sum("quantize" in n for n in names) == 2 and sum("int8_matmul" in n for n in names) == 3, \
+        f"one quantizer launch for X and one for G, three int8 matmuls: {names}"
 
 
 @needs_triton

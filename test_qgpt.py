@@ -1231,6 +1231,33 @@ def test_triton_backend_compiles_fullgraph(tmp_path, monkeypatch, inductor_quant
         assert torch.equal(a, b), f"compiled vs eager: tensor {i} differs (max |diff| {(a - b).abs().max():.3g})"
 
 
+@needs_triton
+def test_int8_recipe_compiles_with_reduce_overhead_and_fused_quantizers():
+    """torch.compile(mode="reduce-overhead", fullgraph=True) of LayerNorm -> int8 QLinear -> GELU with
+    --fuse_quantizers (quantizers as PyTorch ops for inductor to fuse into the LayerNorm; the int8
+    matmuls stay the Triton custom ops): no graph break, so no host sync and no Python-side state on
+    the int8 path (on a GPU: CUDA graphs), and eager's results."""
+    cfg = Config(**qgpt.PRESETS["int8"], fuse_quantizers=True, token_group=16)
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.LayerNorm(24), nn.Linear(24, 16), nn.GELU(approximate="tanh"))
+    qgpt.quantize_model(holder, cfg, kernels.TritonBackend)
+    holder = holder.to(KDEV)
+    x, = on_kdev(torch.randn(40, 24))
+    results = []
+    torch._dynamo.reset()
+    for run in (torch.compile(holder, mode="reduce-overhead", fullgraph=True), holder):
+        xi = x.clone().requires_grad_(True)
+        y = run(xi)
+        (y * torch.arange(16.0, device=KDEV)).sum().backward()
+        results.append([y.detach().clone(), xi.grad] + [p.grad.clone() for p in holder.parameters()])
+        for p in holder.parameters():
+            p.grad = None
+    for name, a, b in zip(["Y", "dX", "ln weight", "ln bias", "W", "b"], *results):
+        rel = ((a - b).norm() / b.norm()).item()
+        # inductor orders LayerNorm's fp32 sums its own way: the codes may flip at a rounding tie
+        assert rel < 1e-3, f"compiled vs eager: {name} relative difference {rel:.2e}"
+
+
 def _adversarial_rows():
     """Rows that break naive quantizers: exact .5 ties of both signs, NaN, +-inf, huge, tiny, all zero."""
     ties = torch.tensor([63.5, -63.5, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5]) * 0.5  # scale 0.5: x / scale = k + .5
@@ -1413,19 +1440,81 @@ def _own_quantize(x, axis, floor):
     return np.clip(np.rint(x / scale), -128, 127), scale
 
 
-def test_linear_backward_int8_weight_gradient_formula():
-    """dW[n, k] = s_n t_k sum_m Gq[m, n] Xq[m, k]: G per output channel n, X per input feature k."""
-    _, model = _linear_pair(Config(recipe="int8", wbits=8, abits=8, gbits=8, g_matmuls="both"))
+def _own_group_quantize(x, axis, floor, group):
+    """_own_quantize per group of `group` consecutive rows (0: all) when axis is 0 (columns):
+    (codes, scale per element) so that x_hat = codes * scale."""
+    if axis == 1:
+        q, s = _own_quantize(x, 1, floor)
+        return q, np.broadcast_to(s, q.shape)
+    x = x.detach()
+    step = group or x.shape[0]
+    parts = [_own_quantize(x[m0:m0 + step], 0, floor) for m0 in range(0, x.shape[0], step)]
+    return (np.concatenate([q for q, _ in parts]),
+            np.concatenate([np.broadcast_to(s, q.shape) for q, s in parts]))
+
+
+INT8_CASES = [  # (token_group, G's size, X's dtype, g_matmuls)
+    (0, 1.0, torch.float32, "both"), (16, 1.0, torch.float32, "both"), (16, 1e-7, torch.float32, "both"),
+    (0, 1.0, torch.bfloat16, "both"), (16, 1.0, torch.float32, "wgrad"), (16, 1.0, torch.float32, "dgrad")]
+
+
+@pytest.mark.parametrize("token_group,g_size,dtype,g_matmuls", INT8_CASES)
+def test_linear_backward_int8_equals_reference(token_group, g_size, dtype, g_matmuls):
+    """The int8 recipe's backward (Int8Linear.backward) against its contract, computed here in
+    numpy with exact integer sums: dX = sum_n (Gq[m,n] s_m) (Wq[n,k] w_k), G per token and W per
+    input feature; dW = sum over token groups j of sum_(m in j) (Gq[m,n] u_jn) (Xq[m,k] t_jk), G per
+    output channel and X per input feature within each group of token_group tokens; G's floor is
+    1e-9 (a G of 1e-7 shows it); a matmul --g_matmuls leaves out takes the float G; db is G summed
+    in fp32. 40 tokens: groups of 16, 16 and 8."""
+    cfg = Config(**qgpt.PRESETS["int8"], token_group=token_group)
+    cfg = qgpt.dataclasses.replace(cfg, g_matmuls=g_matmuls)
+    _, layer = _linear_pair(cfg)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(40, 24, generator=gen) * torch.rand(40, 1, generator=gen) * 3  # rows of very different size
-    g = torch.randn(40, 16, generator=gen) * torch.rand(40, 1, generator=gen)
-    _, _, dw, _ = _grads(model, x, g)
-    gq, s = _own_quantize(g, 0, qgpt.GRAD_FLOOR)  # (M, N) codes, s (1, N): one scale per output channel
-    xq, t = _own_quantize(x, 0, 1e-5)  # (M, K) codes, t (1, K): one scale per input feature
-    expected = torch.from_numpy((gq.T.astype(np.float64) @ xq) * s.T.astype(np.float64) * t.astype(np.float64))
-    err = (dw.double() - expected).abs().max().item()
-    # exact integer sums times two fp32 scales, applied in fp32 by the code: 1e-6 relative covers the rounding
-    assert err <= 1e-6 * expected.abs().max().item(), f"int8 dW is not s_n t_k sum_m Gq[m,n] Xq[m,k]: max |diff| {err:.3g}"
+    x = (torch.randn(40, 24, generator=gen) * torch.rand(40, 1, generator=gen) * 3).to(dtype)
+    g = (torch.randn(40, 16, generator=gen) * torch.rand(40, 1, generator=gen) * g_size).to(dtype)
+    _, dx, dw, db = _grads(layer, x, g)
+    w = layer.weight.detach()
+    wq, ws = _own_group_quantize(w, 0, 1e-5, 0)  # W per input feature (column)
+    w_hat = wq * ws.astype(np.float64)
+    g64 = g.double().numpy()
+    if g_matmuls in ("dgrad", "both"):
+        gq, gs = _own_group_quantize(g.float(), 1, 1e-9, 0)  # G per token (row)
+        want_dx = (gq * gs.astype(np.float64)) @ w_hat
+    else:
+        want_dx = g64 @ w_hat
+    if g_matmuls in ("wgrad", "both"):
+        gq, gs = _own_group_quantize(g.float(), 0, 1e-9, token_group)  # G per channel and group
+        xq, xs = _own_group_quantize(x.float(), 0, 1e-5, token_group)  # X per feature and group
+        want_dw = (gq * gs.astype(np.float64)).T @ (xq * xs.astype(np.float64))
+    else:
+        want_dw = g64.T @ x.double().numpy()
+    # integer sums are exact; the scales are applied in fp32: 1e-6 of the largest entry. dX in
+    # bf16 (X's dtype) keeps 8 bits: 2^-8.
+    for name, got, want, tol in [("dX", dx, want_dx, 1e-6 if dtype == torch.float32 else 2 ** -8),
+                                 ("dW", dw, want_dw, 1e-6)]:
+        err = np.abs(got.double().numpy() - want)
+        i = np.unravel_index(err.argmax(), err.shape)
+        assert err[i] <= tol * np.abs(want).max(), \
+            f"token groups of {token_group}, G ~ {g_size}, {dtype}, --g_matmuls {g_matmuls}: {name}{list(i)} " \
+            f"is {got[i].item():.6g}, expected {want[i]:.6g}"
+    assert dx.dtype == dtype and dw.dtype == db.dtype == torch.float32, "dX in X's dtype, dW and db fp32"
+    want_db = g.double().sum(0)
+    err = (db.double() - want_db).abs().max().item()
+    # fp32 accumulation of 40 terms: 1e-6 of the sum's scale; a sum kept in bf16 is 100 times off
+    assert err <= 1e-6 * want_db.abs().max().item(), f"db must be G summed over tokens in fp32: max |diff| {err:.3g}"
+
+
+def test_linear_backward_int8_one_token_group_is_per_column():
+    """token_group 0 and any token_group >= the tokens give the same bits (one group: plain per-column
+    scales); a smaller group changes dW (and only dW)."""
+    x, g = torch.randn(40, 24), torch.randn(40, 16)
+    results = {}
+    for token_group in (0, 64, 16):
+        cfg = Config(**qgpt.PRESETS["int8"], token_group=token_group)
+        results[token_group] = _grads(_linear_pair(cfg)[1], x, g)
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[64])), "one group must be per-column math"
+    same = [torch.equal(a, b) for a, b in zip(results[0], results[16])]
+    assert same == [True, True, False, True], f"groups of 16 must change dW only (output, dX, dW, db): {same}"
 
 
 @pytest.mark.parametrize("beta2", [0.99, 0.999])

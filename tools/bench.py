@@ -259,7 +259,7 @@ def bench_one(name, cfg, vocab_size, batches, steps, warmup, device, compile_mod
     busy = sum(parts.values()) if parts else None
     count = linear_step_kernels(lambda n_in, n_out: linear_of(name, cfg, n_in, n_out, device),
                                 tokens, cfg.n_embd, 4 * cfg.n_embd, device)[0]
-    label = name + (" (module swap)" if peer and module_swap else "")
+    label = name + (" (swap)" if peer and module_swap else "")
     return Row(label, tokens / dt, dt * 1000, busy, peak, last, mfu, count, parts)
 
 

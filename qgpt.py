@@ -59,13 +59,15 @@ GRANULARITIES = ["tensor", "row", "column", "group", "channel", "token"]
 class Config:
     # what to do
     mode: str = opt("train", "train | sample (from out_dir/ckpt.pt, with its own model and "
-                    "quantization) | memory (print the memory table)", ["train", "sample", "memory"])
+                    "quantization) | memory (print the memory table)",
+                    ["train", "sample", "memory"])
     preset: str = opt("", "comma-separated presets, applied before explicit flags (list below)")
     # I/O
     out_dir: str = opt("out", "folder for ckpt.pt")
     data_dir: str = opt("data", "folder holding the datasets made by prepare_data.py")
     dataset: str = opt("shakespeare_char", "dataset folder name under data_dir")
-    init_from: str = opt("scratch", "scratch | resume (from out_dir/ckpt.pt)", ["scratch", "resume"])
+    init_from: str = opt("scratch", "scratch | resume (from out_dir/ckpt.pt)",
+                         ["scratch", "resume"])
     eval_interval: int = opt(250, "steps between evaluations and checkpoints")
     eval_iters: int = opt(20, "batches per split in one evaluation")
     log_interval: int = opt(50, "steps between log lines")
@@ -176,7 +178,7 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None,
         view, dims = xf, None
     elif granularity in ("row", "column", "group"):
         if x.dim() != 2:
-            raise ValueError(f"granularity '{granularity}' needs a 2-D tensor, got {tuple(x.shape)}")
+            raise ValueError(f"granularity '{granularity}' needs a 2-D x, got {tuple(x.shape)}")
         view, dims = xf, (1 if granularity == "row" else 0)
         if granularity == "group":
             if not group_size or x.shape[1] % group_size:
@@ -240,17 +242,28 @@ def compute_dtype(x):
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
 
 
+class Recipe:
+    """What the recipes share. Each is a frozen dataclass of the Config fields it reads."""
+    uses_kernels = False  # whether it runs on a backend of kernels.py
+
+    def grad_quantized(self, matmul):
+        """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes the quantized G."""
+        return self.gbits < 16 and self.g_matmuls in (matmul, "both")
+
+    def weight_codes(self, weight):
+        return None  # codes of W that last from one optimizer step to the next (QLinear keeps them)
+
+
 @dataclass(frozen=True)
-class PaperRecipe:
+class PaperRecipe(Recipe):
     """The paper's simulation (its Section 3): fake quantization, float matmuls.
       forward  Y  = fq(X, per token) fq(W, per output channel)^T  (granularities are flags)
       backward dW = fq(G, per token)^T X  and  dX = G W  (--g_matmuls moves or adds fq(G))
-    The backward is the straight-through estimator: the rounding has zero derivative almost
-    everywhere, so the backward treats the quantizers as the identity and multiplies by the saved
-    *unquantized* X and W, as the authors' code does (the absmax scale never clips, so no element
-    falls outside the range and loses its gradient). Quantizes no real tensor, saves nothing.
+    The backward is the straight-through estimator: rounding has zero derivative almost everywhere,
+    so the backward takes the quantizers for the identity and multiplies by the saved *unquantized*
+    X and W, as the authors' code does (an absmax scale never clips, so no element falls outside
+    the range and loses its gradient). It saves no memory and no time: it measures the loss.
     """
-    uses_kernels = False
     wbits: int
     abits: int
     gbits: int
@@ -261,40 +274,11 @@ class PaperRecipe:
     a_asymmetric: bool
     g_matmuls: str
 
-    @classmethod
-    def from_config(cls, cfg, backend=None):
-        return cls(cfg.wbits, cfg.abits, cfg.gbits, cfg.w_granularity, cfg.a_granularity,
-                   cfg.g_granularity, cfg.group_size, cfg.a_asymmetric, cfg.g_matmuls)
-
-    @staticmethod
-    def validate(cfg):
-        if cfg.backend == "triton":
-            raise UserError("--backend triton runs the int8 recipe only: add --recipe int8 "
-                            "(or --preset int8)")
-
-    def grad_quantized(self, matmul):
-        """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes fq(G)."""
-        return self.gbits < 16 and self.g_matmuls in (matmul, "both")
-
     def operand_quantizers(self):
-        """{operand: (bits, granularity, floor)}: how W, X and G are quantized (for diagnostics)."""
+        """{operand: (bits, granularity, floor)} of W, X and G."""
         return {"W": (self.wbits, self.w_granularity, ACT_FLOOR),
                 "X": (self.abits, self.a_granularity, ACT_FLOOR),
                 "G": (self.gbits, self.g_granularity, GRAD_FLOOR)}
-
-    def check_widths(self, name, linear):
-        """Group scales run along rows: W's and X's rows are the inputs, G's the outputs."""
-        for flag, (bits, granularity, _), width in zip(
-                "wag", self.operand_quantizers().values(),
-                (linear.in_features, linear.in_features, linear.out_features)):
-            if granularity == "group" and bits < 16 and width % self.group_size:
-                hint = ", or leave the head unquantized with --no-quantize_head" \
-                    if name == "lm_head" else ""
-                raise UserError(f"--group_size {self.group_size} does not divide the width {width} "
-                                f"of {name} (--{flag}_granularity group): pick a divisor of it{hint}")
-
-    def weight_codes(self, weight):
-        return None  # the simulation quantizes W inside each forward
 
     def linear(self, x, weight, bias, weight_codes=None):
         return PaperLinear.apply(x, weight, bias, self)
@@ -341,19 +325,18 @@ class PaperLinear(torch.autograd.Function):
 
 
 @dataclass(frozen=True)
-class Int8Recipe:
-    """Real-int8-compatible: every scale runs along a dimension its matmul does NOT sum over, so
-    the scales factor out of the integer sum and an int8 kernel (kernels.py) computes this exactly:
+class Int8Recipe(Recipe):
+    """Real int8: every scale runs along a dimension its matmul does NOT sum over, so the scales
+    factor out of the integer sum and an int8 kernel (kernels.py) computes this exactly:
       forward  Y  = X W^T : X per row (token m),       W per row (output channel n); sums over K
       backward dX = G W   : G per row (token m),       W per column (input feature k); sums over N
                dW = G^T X : G per column (channel n),  X per column (feature k);       sums over M
-    dW sums over the tokens, so its scales may also change from one group of `token_group`
-    consecutive tokens to the next: each group's int32 sum is promoted to fp32 with its own scales.
-    W and G are quantized along both axes; X's column codes are made in the forward (one read of X
-    makes both) and saved for dW instead of X (1 byte per element instead of 2 or 4). W's codes
-    come from QLinear, once per optimizer step. The backend runs the two operations
-    (`quantize_dual`, `int8_matmul`): kernels.ReferenceBackend in PyTorch (the simulation), or
-    kernels.TritonBackend on int8 tensor cores, with the same bits.
+    dW sums over the tokens, so its scales may change from one group of `token_group` consecutive
+    tokens to the next: each group's int32 sum is promoted to fp32 with its own scales. X and G are
+    quantized along both axes by one read; X's column codes are saved for dW instead of X (1 byte
+    per element, not 2 or 4). W's codes come from QLinear, once per optimizer step. The backend
+    runs the two operations, `quantize_dual` and `int8_matmul`: kernels.ReferenceBackend in PyTorch
+    (the simulation), or kernels.TritonBackend on int8 tensor cores, to the same bits.
     """
     uses_kernels = True
     wbits: int
@@ -361,54 +344,28 @@ class Int8Recipe:
     gbits: int
     g_matmuls: str
     token_group: int
+    fuse_quantizers: bool
     backend: type = kernels.ReferenceBackend
-    fuse_quantizers: bool = False
 
-    @classmethod
-    def from_config(cls, cfg, backend=kernels.ReferenceBackend):
-        return cls(cfg.wbits, cfg.abits, cfg.gbits, cfg.g_matmuls, cfg.token_group, backend,
-                   cfg.fuse_quantizers)
-
-    @staticmethod
-    def validate(cfg):
-        non_row = [f"--{k} {getattr(cfg, k)}" for k in ("w_granularity", "a_granularity",
-                                                         "g_granularity")
-                   if getattr(cfg, k) not in ("row", "channel", "token")]
-        if non_row or cfg.a_asymmetric:
-            raise UserError(f"the int8 recipe fixes every scale to rows of the matmul operands; "
-                            f"{', '.join(non_row) or '--a_asymmetric'} needs --recipe paper")
-        if cfg.token_group and (cfg.token_group & (cfg.token_group - 1)
-                                or not 16 <= cfg.token_group <= kernels.MAX_K):
-            raise UserError(f"--token_group must be 0 or a power of two in 16..{kernels.MAX_K}, "
-                            f"got {cfg.token_group}")
-
-    def grad_quantized(self, matmul):
-        """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes G's int8 codes."""
-        return self.gbits < 16 and self.g_matmuls in (matmul, "both")
-
-    def operand_quantizers(self):  # diagnostics: each operand's row quantization (its other
-        return {"W": (self.wbits, "row", ACT_FLOOR), "X": (self.abits, "row", ACT_FLOOR),  # axes
-                "G": (self.gbits, "row", GRAD_FLOOR)}  # err alike)
-
-    def check_widths(self, name, linear):
-        pass  # any width
+    def operand_quantizers(self):  # diagnostics: their rows (the other axes err alike)
+        return {"W": (self.wbits, "row", ACT_FLOOR), "X": (self.abits, "row", ACT_FLOOR),
+                "G": (self.gbits, "row", GRAD_FLOOR)}
 
     def quantizers(self):
-        """Who quantizes: the backend, or under torch.compile with fuse_quantizers the PyTorch
+        """Who quantizes: the backend; under torch.compile with fuse_quantizers the PyTorch
         reference, which inductor fuses into the ops around it (the matmuls stay the backend's)."""
         fused = self.fuse_quantizers and torch.compiler.is_compiling()
         return kernels.ReferenceBackend if fused else self.backend
 
     def weight_codes(self, weight):
-        """W's codes: rows (per output channel, forward) and columns (per input feature, dX)."""
-        if self.wbits >= 16:
-            return None
-        return self.quantizers().quantize_dual(weight, self.wbits, ACT_FLOOR)
+        """W's codes: rows (per output channel: forward) and columns (per input feature: dX)."""
+        return None if self.wbits >= 16 else self.quantizers().quantize_dual(weight, self.wbits,
+                                                                             ACT_FLOOR)
 
     def matmul(self, a, b, bias, dtype, out_dtype, k_group=0):
-        """a @ b^T (+ bias) for a (M, K), b (N, K): each a float tensor or an (int8 codes, scales)
-        pair, scales per row (and per K-group of k_group). Two pairs: the backend's int8 matmul,
-        written in out_dtype. Otherwise a float matmul in dtype (the pair dequantized)."""
+        """a @ b^T (+ bias) for a (M, K), b (N, K): each a float tensor or a pair (int8 codes,
+        scales per row and K-group). Two pairs: the backend's int8 matmul, written in out_dtype.
+        Otherwise a float matmul in dtype, the pair dequantized."""
         if isinstance(a, tuple) and isinstance(b, tuple):
             return self.backend.int8_matmul(a[0], a[1], b[0].t(), b[1], bias, out_dtype, k_group)
         a, b = [kernels.dequantize_reference(*t, k_group) if isinstance(t, tuple) else t
@@ -481,7 +438,7 @@ RECIPES = {"paper": PaperRecipe, "int8": Int8Recipe}
 
 
 class QLinear(nn.Linear):
-    """nn.Linear whose matmuls follow a recipe. Shares its parameters with the Linear it replaces."""
+    """nn.Linear whose matmuls follow a recipe; it shares the Linear's parameters it replaces."""
     cache_weight_codes = True
 
     def __init__(self, in_features, out_features, bias, recipe):
@@ -512,14 +469,14 @@ def quantize_model(model, cfg, backend=kernels.ReferenceBackend):
     with cfg's recipe. The QLinear takes over the same Parameter objects, so the tied wte/lm_head
     weight stays tied and the optimizer and checkpoints see the same parameters. Returns the
     names swapped."""
-    recipe = RECIPES[cfg.recipe].from_config(cfg, backend)
+    recipe = make_recipe(cfg, backend)
     swapped = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or (child_name == "lm_head" and not cfg.quantize_head):
                 continue
             name = f"{parent_name}.{child_name}".lstrip(".")
-            recipe.check_widths(name, child)
+            check_group_size(recipe, name, child)
             q = QLinear(child.in_features, child.out_features, child.bias is not None, recipe)
             q.weight, q.bias = child.weight, child.bias
             setattr(parent, child_name, q)
@@ -543,8 +500,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)  # (B, nh, T, hs); not quantized
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # float
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -600,7 +557,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # B, T, C
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
@@ -655,8 +612,8 @@ def round_stochastic_bf16(x, generator):
 
 
 def sqrt_rn(x):
-    """fp32 square root, correctly rounded on every device (PyTorch's CPU kernel can be 1 ulp
-    off; kernels.py's fused AdamW is exact, and 8/4-bit states must not depend on where they ran)."""
+    """fp32 square root, correctly rounded everywhere (PyTorch's CPU kernel can be 1 ulp off; the
+    fused AdamW of kernels.py is exact, and 8/4-bit states must not depend on where they ran)."""
     return x.double().sqrt().float()
 
 
@@ -692,7 +649,7 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
     rows = _state_rows(x.float(), granularity, block_size)
     if signed:
         codes, scale, _ = quantize(rows, bits, "row", absmax_floor=1e-30)
-        codes = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)  # [-2^(b-1), 2^(b-1)) -> [0, 2^b)
+        codes = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)  # into [0, 2^b)
     else:
         u = sqrt_rn(rows) if v_map == "sqrt" else rows
         offset = 0 if v_map == "linear" else 1  # zero-free maps: code c means (c + 1) * scale
@@ -754,7 +711,8 @@ class QAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 m_bits, v_bits = self.state_bits(p, group)
                 zeros = torch.zeros_like(p, dtype=torch.float32)
-                self.state[p] = {"step": torch.tensor(0.0), "m": self._encode(zeros, m_bits, True, group),
+                self.state[p] = {"step": torch.tensor(0.0),
+                                 "m": self._encode(zeros, m_bits, True, group),
                                  "v": self._encode(zeros.clone(), v_bits, False, group)}
 
     def state_bits(self, p, group):
@@ -776,8 +734,10 @@ class QAdamW(torch.optim.Optimizer):
         return self.generators[str(device)]
 
     def _encode(self, x, bits, signed, group):
-        if bits >= 16:  # plain tensors: fp32 (the decoded tensor itself, updated in place), or bf16
-            return {"value": x if bits == 32 else round_stochastic_bf16(x, self._generator(x.device))}
+        if bits == 32:  # the decoded tensor itself, updated in place
+            return {"value": x}
+        if bits == 16:
+            return {"value": round_stochastic_bf16(x, self._generator(x.device))}
         granularity = group["m_granularity"] if signed else group["v_granularity"]
         if granularity == "row" and x.dim() != 2:
             granularity = "tensor"
@@ -853,30 +813,6 @@ def make_optimizer(model, cfg):
                   v_map=cfg.v_map)
 
 
-def state_bytes(optimizer):
-    """Bytes held by each Adam moment: QAdamW's state tensors as stored; torch.optim.AdamW's two
-    fp32 moments (4 bytes per parameter each; it makes them at its first step)."""
-    if isinstance(optimizer, QAdamW):
-        return {k: sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                       for t in state[k].values()) for k in ("m", "v")}
-    n = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
-    return {"m": 4 * n, "v": 4 * n}
-
-
-def memory_table(model, optimizer):
-    """Bytes per parameter of weights, gradients and each Adam state, measured on the tensors."""
-    params = list(model.parameters())
-    n = sum(p.numel() for p in params)
-    weights = sum(p.numel() * p.element_size() for p in params)
-    grads = sum((p.grad if p.grad is not None else p).numel() * p.element_size() for p in params)
-    states = state_bytes(optimizer)
-    lines = [f"memory for {n / 1e6:.2f}M parameters    MiB  bytes/param"]
-    for name, b in [("weights", weights), ("gradients", grads), ("adam m", states["m"]),
-                    ("adam v", states["v"]), ("total", weights + grads + sum(states.values()))]:
-        lines.append(f"  {name:28s}{b / 2 ** 20:8.1f}  {b / n:6.3f}")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training, evaluation, checkpoints, sampling (data: uint16 token files from prepare_data.py).
 
@@ -903,22 +839,9 @@ def autocast_context(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def build_model(cfg, vocab_size, device):
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg, vocab_size)
-    if min(cfg.wbits, cfg.abits, cfg.gbits) <= 8:
-        uses_kernels = RECIPES[cfg.recipe].uses_kernels
-        backend = select_backend(cfg, device) if uses_kernels else None
-        swapped = quantize_model(model, cfg, backend)
-        print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} "
-              f"g{cfg.gbits})" + ("; the LM head stays full precision" if not cfg.quantize_head
-                                  else ""))
-    return model.to(device)
-
-
 @torch.no_grad()
 def evaluate(model, data, cfg, device):
-    """Mean loss over cfg.eval_iters batches per split; its own generator leaves training's alone."""
+    """Mean loss over cfg.eval_iters batches per split; its own generator leaves training's be."""
     model.eval()
     out = {}
     for split in ("train", "val"):
@@ -931,18 +854,6 @@ def evaluate(model, data, cfg, device):
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
-
-
-def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta):
-    """Write to a temporary file, then rename: a crash leaves the previous checkpoint intact."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "config": dataclasses.asdict(cfg), "iter": it, "best_val": best_val, "meta": meta,
-            "rng_cpu": torch.get_rng_state(), "rng_batches": batch_gen.get_state()}
-    if torch.cuda.is_available():
-        ckpt["rng_cuda"] = torch.cuda.get_rng_state_all()
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
 
 
 def train(cfg, stop_at=None):
@@ -966,16 +877,7 @@ def train(cfg, stop_at=None):
         torch.manual_seed(cfg.seed)
     make_out_dir(cfg)
     print(memory_table(model, optimizer))
-    run_model = model
-    if cfg.compile:
-        try:
-            run_model = torch.compile(model)
-        except Exception as e:
-            print(f"torch.compile unavailable ({type(e).__name__}); running eagerly")
-    step_model = run_model
-    if world > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        step_model = nn.parallel.DistributedDataParallel(run_model, device_ids=device_ids)
+    run_model, step_model = wrap_model(model, cfg, world, device)  # compiled, and DDP
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))
     history = {"losses": [], "evals": [], "skipped": 0, "diverged_at": None, "tokens_per_s": 0.0}
@@ -1070,7 +972,7 @@ def sample(cfg, model=None, meta=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Diagnostics: each Linear's operands, seen through hooks (the quantized Linear holds none of it).
+# Diagnostics: each Linear's operands seen through hooks (the Linear holds none of it); memory.
 
 @contextmanager
 def operand_hooks(model, record, kind=nn.Linear):
@@ -1107,7 +1009,7 @@ def quantization_stats(x, bits, granularity="row", absmax_floor=ACT_FLOOR, group
 @contextmanager
 def diagnose(model):
     """Measure, on the forward and backward run inside the block, what each QLinear's recipe does
-    to its W, X and G. Yields {layer: {"W" | "X" | "G": quantization_stats}} (the last micro-step's)."""
+    to its W, X and G. Yields {layer: {"W" | "X" | "G": quantization_stats}} (last micro-step's)."""
     stats = {}
 
     def record(name, module, operand, t):
@@ -1132,6 +1034,30 @@ def diagnostics_table(stats):
     for name, layer in stats.items():
         lines.append(f"{name:28s} " + " ".join(
             f"{layer[op][key]:8.4f}" if op in layer else f"{'-':>8s}" for op, key in columns))
+    return "\n".join(lines)
+
+
+def state_bytes(optimizer):
+    """Bytes held by each Adam moment: QAdamW's state tensors as stored; torch.optim.AdamW's two
+    fp32 moments (4 bytes per parameter each; it makes them at its first step)."""
+    if isinstance(optimizer, QAdamW):
+        return {k: sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                       for t in state[k].values()) for k in ("m", "v")}
+    n = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    return {"m": 4 * n, "v": 4 * n}
+
+
+def memory_table(model, optimizer):
+    """Bytes per parameter of weights, gradients and each Adam state, measured on the tensors."""
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum((p.grad if p.grad is not None else p).numel() * p.element_size() for p in params)
+    states = state_bytes(optimizer)
+    lines = [f"memory for {n / 1e6:.2f}M parameters    MiB  bytes/param"]
+    for name, b in [("weights", weights), ("gradients", grads), ("adam m", states["m"]),
+                    ("adam v", states["v"]), ("total", weights + grads + sum(states.values()))]:
+        lines.append(f"  {name:28s}{b / 2 ** 20:8.1f}  {b / n:6.3f}")
     return "\n".join(lines)
 
 
@@ -1188,7 +1114,7 @@ def build_parser(show_defaults=True):
 
 
 def parse_config(argv=None):
-    """Defaults, then presets (each printed), then the flags given explicitly on the command line."""
+    """Defaults, then presets (each printed), then the flags given explicitly."""
     build_parser().parse_args(argv)  # -h, and errors for unknown flags or bad values
     given = vars(build_parser(show_defaults=False).parse_args(argv))
     cfg = Config()
@@ -1223,7 +1149,7 @@ def validate_config(cfg):
                 raise UserError(f"--{name} must be {what}, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    RECIPES[cfg.recipe].validate(cfg)
+    RECIPE_CHECKS[cfg.recipe](cfg)
 
 
 def pick_device(name):
@@ -1249,9 +1175,63 @@ def select_backend(cfg, device):
         print("backend: Triton int8 kernels (kernels.py)")
         return kernels.TritonBackend
     if cfg.backend == "triton":
-        raise UserError(f"--backend triton needs a CUDA GPU (sm80+) with triton installed: {reason}")
+        raise UserError(f"--backend triton needs a CUDA GPU (sm80+) with triton: {reason}")
     print(f"backend: simulated int8 in PyTorch ({reason})")
     return kernels.ReferenceBackend
+
+
+def check_paper_flags(cfg):
+    if cfg.backend == "triton":
+        raise UserError("--backend triton runs the int8 recipe only: add --recipe int8")
+
+
+def check_int8_flags(cfg):
+    odd = [f"--{k} {getattr(cfg, k)}" for k in ("w_granularity", "a_granularity", "g_granularity")
+           if getattr(cfg, k) not in ("row", "channel", "token")]
+    if odd or cfg.a_asymmetric:
+        raise UserError(f"the int8 recipe fixes every scale to rows of the matmul operands; "
+                        f"{', '.join(odd) or '--a_asymmetric'} needs --recipe paper")
+    g = cfg.token_group
+    if g and (g & (g - 1) or not 16 <= g <= kernels.MAX_K):
+        raise UserError(f"--token_group must be 0 or a power of two in 16..{kernels.MAX_K}, "
+                        f"got {g}")
+
+
+RECIPE_CHECKS = {"paper": check_paper_flags, "int8": check_int8_flags}
+
+
+def check_group_size(recipe, name, linear):
+    """Group scales run along rows: W's and X's rows are the inputs, G's the outputs."""
+    size = getattr(recipe, "group_size", None)
+    widths = (linear.in_features, linear.in_features, linear.out_features)
+    for flag, (bits, granularity, _), width in zip("wag", recipe.operand_quantizers().values(),
+                                                   widths):
+        if granularity == "group" and bits < 16 and width % size:
+            hint = ", or leave the head alone: --no-quantize_head" if name == "lm_head" else ""
+            raise UserError(f"--group_size {size} does not divide the width {width} of {name} "
+                            f"(--{flag}_granularity group): pick a divisor{hint}")
+
+
+def make_recipe(cfg, backend=None):
+    """cfg's recipe: its class, with the Config fields it names (and the backend given)."""
+    cls = RECIPES[cfg.recipe]
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name != "backend"}
+    if backend is not None and cls.uses_kernels:
+        values["backend"] = backend
+    return cls(**values)
+
+
+def build_model(cfg, vocab_size, device):
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg, vocab_size)
+    if min(cfg.wbits, cfg.abits, cfg.gbits) <= 8:
+        uses_kernels = RECIPES[cfg.recipe].uses_kernels
+        backend = select_backend(cfg, device) if uses_kernels else None
+        swapped = quantize_model(model, cfg, backend)
+        print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} "
+              f"g{cfg.gbits})" + ("; the LM head stays full precision" if not cfg.quantize_head
+                                  else ""))
+    return model.to(device)
 
 
 def make_out_dir(cfg):
@@ -1261,14 +1241,26 @@ def make_out_dir(cfg):
         raise UserError(f"cannot create the output folder {cfg.out_dir} ({e.strerror}): choose "
                         f"another --out_dir")
     if not os.access(cfg.out_dir, os.W_OK):
-        raise UserError(f"output folder {cfg.out_dir} is not writable: choose another with --out_dir")
+        raise UserError(f"output folder {cfg.out_dir} is not writable: choose another --out_dir")
+
+
+def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta):
+    """Write to a temporary file, then rename: a crash leaves the previous checkpoint intact."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": dataclasses.asdict(cfg), "iter": it, "best_val": best_val, "meta": meta,
+            "rng_cpu": torch.get_rng_state(), "rng_batches": batch_gen.get_state()}
+    if torch.cuda.is_available():
+        ckpt["rng_cuda"] = torch.cuda.get_rng_state_all()
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path):
-    """torch.load with weights_only=True: a checkpoint holds tensors and plain values, never code."""
+    """torch.load(weights_only=True): a checkpoint holds tensors and plain values, never code."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train first (python qgpt.py), or point --out_dir "
-                        f"at one")
+        raise UserError(f"no checkpoint at {path}: train first (python qgpt.py), or point "
+                        f"--out_dir at one")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, or holding objects that are not plain data
@@ -1301,9 +1293,9 @@ def check_resume(ckpt, cfg, meta):
         raise UserError(f"the checkpoint has another model shape ({', '.join(shape)}): use its "
                         f"flags to resume")
     if ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
-        raise UserError(f"dataset '{cfg.dataset}' has vocab {meta['vocab_size']} but the checkpoint "
-                        f"was trained with vocab {ckpt['meta']['vocab_size']}: resume on the "
-                        f"dataset it was trained on")
+        raise UserError(f"dataset '{cfg.dataset}' has vocab {meta['vocab_size']} but the "
+                        f"checkpoint was trained with vocab {ckpt['meta']['vocab_size']}: resume "
+                        f"on the dataset it was trained on")
     if changes and not cfg.allow_config_change:
         raise UserError(f"the checkpoint was trained with another quantization "
                         f"({', '.join(changes.values())}): add --allow_config_change to switch it")
@@ -1333,6 +1325,20 @@ def resume(path, cfg, meta, model, optimizer, batch_gen):
     return ckpt["iter"], ckpt["best_val"]
 
 
+def wrap_model(model, cfg, world, device):
+    """(the model to evaluate: compiled if asked; the model to step: under torchrun, DDP's)."""
+    run_model = model
+    if cfg.compile:
+        try:
+            run_model = torch.compile(model)
+        except Exception as e:
+            print(f"torch.compile unavailable ({type(e).__name__}); running eagerly")
+    if world == 1:
+        return run_model, run_model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return run_model, nn.parallel.DistributedDataParallel(run_model, device_ids=device_ids)
+
+
 def setup_distributed(cfg):
     """Under torchrun (RANK set): join the process group; returns (rank, world_size, device)."""
     device = pick_device(cfg.device)
@@ -1344,7 +1350,8 @@ def setup_distributed(cfg):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if cfg.grad_accum % world:
-        raise UserError(f"--grad_accum {cfg.grad_accum} must be a multiple of the {world} processes")
+        raise UserError(f"--grad_accum {cfg.grad_accum} must be a multiple of the {world} "
+                        f"processes")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank > 0:  # logs, tables and checkpoints come from rank 0
@@ -1374,7 +1381,7 @@ def main(argv=None):
             model = build_model(cfg, vocab_size, torch.device("cpu"))
             print(memory_table(model, make_optimizer(model, cfg)))
         else:
-            if cfg.max_new_tokens > 0:  # the sample after training: check its prompt before any work
+            if cfg.max_new_tokens > 0:  # the sample after training: its prompt, before any work
                 check_prompt(cfg.prompt, read_meta(cfg))
             model, history = train(cfg)
             if history["diverged_at"] is not None:

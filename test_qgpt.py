@@ -422,7 +422,7 @@ def test_group_size_check_uses_each_operands_width(tmp_path):
     unquantized is not checked, nor an LM head left in full precision."""
     g16 = Config(gbits=8, g_granularity="group", group_size=16)
     def check(cfg, name, linear):
-        qgpt.PaperRecipe.from_config(cfg).check_widths(name, linear)
+        qgpt.check_group_size(qgpt.make_recipe(cfg), name, linear)
     check(g16, "x", nn.Linear(24, 16))  # G rows: the 16 outputs
     with pytest.raises(qgpt.UserError, match="the width 24 of x"):
         check(g16, "x", nn.Linear(16, 24))

@@ -97,14 +97,6 @@ def quantize_dual_reference(x, bits=8, absmax_floor=1e-5, token_group=0, rows=Tr
     return row_part, (codes.t().contiguous(), scale)  # X^T (K, M): rows contiguous for dW
 
 
-def dequantize_reference(codes, scale, k_group=0):
-    """(R, K) int8 codes, scales per row and K-group ((J, R), or (R, 1): one group) -> fp32."""
-    R, K = codes.shape
-    group, n_groups = token_groups(K, k_group)
-    per_column = scale.float().reshape(n_groups, R).t().repeat_interleave(group, dim=1)[:, :K]
-    return codes.float() * per_column
-
-
 def int8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_group=0):
     """A (M, K) and B (K, N) int8 codes; K cut into J groups of k_group (0: one group).
     a_scale (J, M) and b_scale (J, N) (one group: M and N elements in any shape):

@@ -52,22 +52,21 @@ def opt(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-GRANULARITIES = ["tensor", "row", "column", "group", "channel", "token"]
+SCALES = ["tensor", "row", "column", "group", "channel", "token"]  # channel, token: rows
+STATE_SCALES = ["tensor", "row", "block"]
 
 
 @dataclass
 class Config:
     # what to do
-    mode: str = opt("train", "train | sample (from out_dir/ckpt.pt, with its own model and "
-                    "quantization) | memory (print the memory table)",
+    mode: str = opt("train", "train | sample (out_dir/ckpt.pt) | memory (the memory table)",
                     ["train", "sample", "memory"])
     preset: str = opt("", "comma-separated presets, applied before explicit flags (list below)")
     # I/O
     out_dir: str = opt("out", "folder for ckpt.pt")
     data_dir: str = opt("data", "folder holding the datasets made by prepare_data.py")
     dataset: str = opt("shakespeare_char", "dataset folder name under data_dir")
-    init_from: str = opt("scratch", "scratch | resume (from out_dir/ckpt.pt)",
-                         ["scratch", "resume"])
+    init_from: str = opt("scratch", "scratch | resume (out_dir/ckpt.pt)", ["scratch", "resume"])
     eval_interval: int = opt(250, "steps between evaluations and checkpoints")
     eval_iters: int = opt(20, "batches per split in one evaluation")
     log_interval: int = opt(50, "steps between log lines")
@@ -90,47 +89,36 @@ class Config:
     beta2: float = opt(0.99, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     skip_nonfinite: bool = opt(False, "skip steps with a non-finite loss instead of stopping")
-    allow_config_change: bool = opt(False, "resume even if the quantization differs from the "
-                                    "checkpoint's")
+    allow_config_change: bool = opt(False, "resume with another quantization than the checkpoint's")
     # system
     device: str = opt("auto", "auto | cpu | cuda | mps")
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(1337, "seed for init, batches and dropout")
-    # quantized Linears (PaperRecipe, Int8Recipe); bits >= 16 means that operand is not quantized
-    recipe: str = opt("paper", "paper (the paper's simulation) | int8 (every scale off the "
-                      "summed axis: int8 kernels)", ["paper", "int8"])
+    # quantized Linears (PaperRecipe, Int8Recipe); bits >= 16: that operand is not quantized
+    recipe: str = opt("paper", "paper (simulated) | int8 (int8 kernels)", ["paper", "int8"])
     wbits: int = opt(32, "weight bits (2-8, or 16/32 = off)")
     abits: int = opt(32, "activation (Linear input) bits")
     gbits: int = opt(32, "output-gradient bits")
-    w_granularity: str = opt("row", "paper recipe: weight scales (row = per output channel)",
-                             GRANULARITIES)
-    a_granularity: str = opt("row", "paper recipe: activation scales (row = per token)",
-                             GRANULARITIES)
-    g_granularity: str = opt("row", "paper recipe: gradient scales (row = per token)",
-                             GRANULARITIES)
+    w_granularity: str = opt("row", "paper recipe: weight scales (row: per output channel)", SCALES)
+    a_granularity: str = opt("row", "paper recipe: activation scales (row: per token)", SCALES)
+    g_granularity: str = opt("row", "paper recipe: gradient scales (row: per token)", SCALES)
     group_size: int = opt(64, "paper recipe: elements per group for granularity 'group'")
-    a_asymmetric: bool = opt(False, "paper recipe: asymmetric (zero point) activation quantizer")
-    g_matmuls: str = opt("wgrad", "backward matmuls that get the quantized gradient",
+    a_asymmetric: bool = opt(False, "paper recipe: asymmetric (zero point) activations")
+    g_matmuls: str = opt("wgrad", "paper recipe: backward matmuls that take the quantized G",
                          ["wgrad", "dgrad", "both"])
-    token_group: int = opt(1024, "int8 recipe: tokens that share a scale in dW = G^T X (a power "
-                           "of two; 0 = all the micro-batch's)")
-    quantize_head: bool = opt(True, "quantize the LM head too (the paper does; --preset int8 "
-                              "does not, README: why)")
-    backend: str = opt("auto", "int8 recipe: sim (PyTorch) | triton (int8 kernels) | auto",
+    token_group: int = opt(1024, "int8 recipe: tokens a dW scale covers (0: the micro-batch)")
+    quantize_head: bool = opt(True, "quantize the LM head too (--preset int8 does not: README)")
+    backend: str = opt("auto", "int8 recipe: sim (PyTorch) | triton (kernels) | auto",
                        ["auto", "sim", "triton"])
-    fuse_quantizers: bool = opt(False, "int8 recipe under --compile: quantize in PyTorch ops that "
-                                "inductor fuses into the ops around them; matmuls stay Triton")
+    fuse_quantizers: bool = opt(False, "int8 recipe, --compile: inductor fuses the quantizers")
     diag_interval: int = opt(0, "print a quantization diagnostics table every N steps (0 = off)")
     # optimizer states (QAdamW)
     m_bits: int = opt(32, "Adam first-moment bits: 32, 16, 8, 4")
     v_bits: int = opt(32, "Adam second-moment bits: 32, 16, 8, 4")
-    m_granularity: str = opt("block", "first-moment scales: tensor | row | block",
-                             ["tensor", "row", "block"])
-    v_granularity: str = opt("block", "second-moment scales: tensor | row | block",
-                             ["tensor", "row", "block"])
+    m_granularity: str = opt("block", "first-moment scales", STATE_SCALES)
+    v_granularity: str = opt("block", "second-moment scales", STATE_SCALES)
     state_block_size: int = opt(128, "elements per scale for granularity 'block'")
-    v_map: str = opt("sqrt", "second-moment code map: linear (the paper's; 0 is a level) | "
-                     "zerofree (no zero level) | sqrt (sqrt(v), zero-free)",
+    v_map: str = opt("sqrt", "second-moment code map: linear (the paper's) | zerofree | sqrt",
                      ["linear", "zerofree", "sqrt"])
     # sampling
     prompt: str = opt("\n", "start text for sampling (default: %(default)r)")
@@ -242,20 +230,8 @@ def compute_dtype(x):
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
 
 
-class Recipe:
-    """What the recipes share. Each is a frozen dataclass of the Config fields it reads."""
-    uses_kernels = False  # whether it runs on a backend of kernels.py
-
-    def grad_quantized(self, matmul):
-        """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes the quantized G."""
-        return self.gbits < 16 and self.g_matmuls in (matmul, "both")
-
-    def weight_codes(self, weight):
-        return None  # codes of W that last from one optimizer step to the next (QLinear keeps them)
-
-
 @dataclass(frozen=True)
-class PaperRecipe(Recipe):
+class PaperRecipe:
     """The paper's simulation (its Section 3): fake quantization, float matmuls.
       forward  Y  = fq(X, per token) fq(W, per output channel)^T  (granularities are flags)
       backward dW = fq(G, per token)^T X  and  dX = G W  (--g_matmuls moves or adds fq(G))
@@ -264,6 +240,7 @@ class PaperRecipe(Recipe):
     X and W, as the authors' code does (an absmax scale never clips, so no element falls outside
     the range and loses its gradient). It saves no memory and no time: it measures the loss.
     """
+    uses_kernels = False  # no backend of kernels.py
     wbits: int
     abits: int
     gbits: int
@@ -273,6 +250,13 @@ class PaperRecipe(Recipe):
     group_size: int
     a_asymmetric: bool
     g_matmuls: str
+
+    def grad_quantized(self, matmul):
+        """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes fq(G)."""
+        return self.gbits < 16 and self.g_matmuls in (matmul, "both")
+
+    def weight_codes(self, weight):
+        return None  # W is quantized in each forward: no codes to keep between steps
 
     def operand_quantizers(self):
         """{operand: (bits, granularity, floor)} of W, X and G."""
@@ -325,16 +309,17 @@ class PaperLinear(torch.autograd.Function):
 
 
 @dataclass(frozen=True)
-class Int8Recipe(Recipe):
-    """Real int8: every scale runs along a dimension its matmul does NOT sum over, so the scales
-    factor out of the integer sum and an int8 kernel (kernels.py) computes this exactly:
+class Int8Recipe:
+    """Real int8: W, X and G in int8 codes in all three matmuls, every scale along a dimension its
+    matmul does NOT sum over, so the scales factor out of the integer sum and an int8 kernel
+    (kernels.py) computes this exactly:
       forward  Y  = X W^T : X per row (token m),       W per row (output channel n); sums over K
       backward dX = G W   : G per row (token m),       W per column (input feature k); sums over N
                dW = G^T X : G per column (channel n),  X per column (feature k);       sums over M
     dW sums over the tokens, so its scales may change from one group of `token_group` consecutive
     tokens to the next: each group's int32 sum is promoted to fp32 with its own scales. X and G are
     quantized along both axes by one read; X's column codes are saved for dW instead of X (1 byte
-    per element, not 2 or 4). W's codes come from QLinear, once per optimizer step. The backend
+    per element, not 2 or 4); W's codes come from QLinear, once per optimizer step. The backend
     runs the two operations, `quantize_dual` and `int8_matmul`: kernels.ReferenceBackend in PyTorch
     (the simulation), or kernels.TritonBackend on int8 tensor cores, to the same bits.
     """
@@ -342,7 +327,6 @@ class Int8Recipe(Recipe):
     wbits: int
     abits: int
     gbits: int
-    g_matmuls: str
     token_group: int
     fuse_quantizers: bool
     backend: type = kernels.ReferenceBackend
@@ -359,19 +343,12 @@ class Int8Recipe(Recipe):
 
     def weight_codes(self, weight):
         """W's codes: rows (per output channel: forward) and columns (per input feature: dX)."""
-        return None if self.wbits >= 16 else self.quantizers().quantize_dual(weight, self.wbits,
-                                                                             ACT_FLOOR)
+        return self.quantizers().quantize_dual(weight, self.wbits, ACT_FLOOR)
 
-    def matmul(self, a, b, bias, dtype, out_dtype, k_group=0):
-        """a @ b^T (+ bias) for a (M, K), b (N, K): each a float tensor or a pair (int8 codes,
-        scales per row and K-group). Two pairs: the backend's int8 matmul, written in out_dtype.
-        Otherwise a float matmul in dtype, the pair dequantized."""
-        if isinstance(a, tuple) and isinstance(b, tuple):
-            return self.backend.int8_matmul(a[0], a[1], b[0].t(), b[1], bias, out_dtype, k_group)
-        a, b = [kernels.dequantize_reference(*t, k_group) if isinstance(t, tuple) else t
-                for t in (a, b)]
-        bias = None if bias is None else bias.to(dtype)
-        return F.linear(a.to(dtype), b.to(dtype), bias).to(out_dtype)
+    def matmul(self, a, b, bias, out_dtype, k_group=0):
+        """a @ b^T (+ bias), written in out_dtype, for a = (codes (M, K), scales) and b = (codes
+        (N, K), scales), scales per row (and per K-group of k_group)."""
+        return self.backend.int8_matmul(a[0], a[1], b[0].t(), b[1], bias, out_dtype, k_group)
 
     def linear(self, x, weight, bias, weight_codes=None):
         return Int8Linear.apply(x, weight, bias, self, weight_codes)
@@ -382,55 +359,39 @@ class Int8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, r, w_codes):
-        dtype = compute_dtype(x)
-        x_codes_for_dw = r.abits < 16 and r.grad_quantized("wgrad")  # save X^T's codes, not X
-        x_rows, x_cols = x, None
-        if r.abits < 16:  # X (M, K) -> row codes (M, K) and scales (M, 1) [, X^T codes (K, M)]
-            x_rows, x_cols = r.quantizers().quantize_dual(x, r.abits, ACT_FLOOR, r.token_group,
-                                                          columns=x_codes_for_dw)
-        w_rows, w_cols = w_codes if w_codes is not None else (weight, None)
-        ctx.recipe, ctx.has_bias, ctx.dtypes = r, bias is not None, (dtype, x.dtype, weight.dtype)
-        ctx.save_for_backward(weight, None if x_codes_for_dw else x, *(x_cols or (None, None)),
-                              *(w_cols or (None, None)))
-        return r.matmul(x_rows, w_rows, bias, dtype, dtype)
+        # X (M, K) -> row codes (M, K), scales (M, 1); column codes of X^T (K, M), scales (J, K)
+        x_rows, x_cols = r.quantizers().quantize_dual(x, r.abits, ACT_FLOOR, r.token_group)
+        w_rows, w_cols = w_codes
+        ctx.recipe, ctx.has_bias, ctx.dtypes = r, bias is not None, (x.dtype, weight.dtype)
+        ctx.save_for_backward(*x_cols, *w_cols)  # int8 codes and their scales: no float X
+        return r.matmul(x_rows, w_rows, bias, compute_dtype(x))
 
     @staticmethod
     # SEAM: linear_backward
     def backward(ctx, grad_out):
         """dX and dW of Int8Recipe from int8 codes whose scales lie off each matmul's summed axis.
 
-        Saved: W (N, K); X (M, K) in float only when dW does not use X's codes, else None; X^T's
-        codes (K, M) and scales (J, K) (per input feature k and token group), else None; W^T's
-        codes (K, N) and scales (1, K) (per input feature), else None. ctx.recipe (r),
-        ctx.has_bias, ctx.dtypes = (matmul dtype, X's dtype, W's dtype). grad_out: G (M, N).
-          dgrad, wgrad = r.grad_quantized("dgrad"), r.grad_quantized("wgrad")
+        Saved: X^T's codes (K, M) and scales (J, K), per input feature k and group of
+        r.token_group tokens; W^T's codes (K, N) and scales (1, K), per input feature. ctx.recipe
+        (r), ctx.has_bias, ctx.dtypes = (X's dtype, W's dtype). grad_out: G (M, N).
           G's codes, one call: r.quantizers().quantize_dual(G, r.gbits, GRAD_FLOOR (1e-9: never
-            the activation floor), r.token_group, rows=dgrad, columns=wgrad): rows (M, N) and
-            scales (M, 1), per token; G^T's codes (N, M) and scales (J, N), per output channel
-            and token group.
-          dX = r.matmul(G's rows if dgrad else G, W^T's codes if saved else W^T, ...) written in
-               X's dtype: sums over N, G per token times W per input feature.
-          dW = r.matmul(G^T's codes if wgrad else G^T, X^T's codes if saved else X^T, ...,
-               k_group=r.token_group) written in W's dtype: sums over M in token groups.
-          db = G.sum(0, dtype=torch.float32): the unquantized G summed over the tokens in fp32,
-               in W's dtype; None without a bias.
+            the activation floor), r.token_group): rows (M, N) with scales (M, 1), per token, and
+            G^T's codes (N, M) with scales (J, N), per output channel and token group.
+          dX = r.matmul(G's rows, W^T's codes, None, X's dtype): sums over N    (M, K)
+          dW = r.matmul(G^T's codes, X^T's codes, None, W's dtype, r.token_group): sums over the
+               M tokens, group by group                                         (N, K)
+          db = G.sum(0, dtype=torch.float32): the unquantized G summed over the tokens, in fp32,
+               cast to W's dtype; None without a bias.
         Returns (dX, dW, db, None, None).
         """
         r = ctx.recipe
-        dtype, x_dtype, w_dtype = ctx.dtypes
-        weight, x, xt_codes, xt_scale, wt_codes, wt_scale = ctx.saved_tensors
-        dgrad, wgrad = r.grad_quantized("dgrad"), r.grad_quantized("wgrad")
+        x_dtype, w_dtype = ctx.dtypes
+        xt_codes, xt_scale, wt_codes, wt_scale = ctx.saved_tensors
         g = grad_out  # G (M, N)
-        g_rows, g_cols = None, None
-        if dgrad or wgrad:
-            g_rows, g_cols = r.quantizers().quantize_dual(g, r.gbits, GRAD_FLOOR, r.token_group,
-                                                          rows=dgrad, columns=wgrad)
-        # the bias gradient: full precision
+        g_rows, g_cols = r.quantizers().quantize_dual(g, r.gbits, GRAD_FLOOR, r.token_group)
         grad_b = g.sum(0, dtype=torch.float32).to(w_dtype) if ctx.has_bias else None
-        w_t = (wt_codes, wt_scale) if wt_codes is not None else weight.t()  # rows: input features
-        grad_x = r.matmul(g_rows if dgrad else g, w_t, None, dtype, x_dtype)  # (M, K)
-        x_t = (xt_codes, xt_scale) if xt_codes is not None else x.t()  # rows: input features
-        grad_w = r.matmul(g_cols if wgrad else g.t(), x_t, None, dtype, w_dtype, r.token_group)
+        grad_x = r.matmul(g_rows, (wt_codes, wt_scale), None, x_dtype)  # G per token, W per k
+        grad_w = r.matmul(g_cols, (xt_codes, xt_scale), None, w_dtype, r.token_group)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -1083,7 +1044,7 @@ PRESETS = {
                    g_granularity="row"),
     # the LM head stays bf16: at GPT-2's 50k vocabulary an 8-bit row of its gradient keeps only
     # the target
-    "int8": dict(recipe="int8", wbits=8, abits=8, gbits=8, g_matmuls="both", quantize_head=False),
+    "int8": dict(recipe="int8", wbits=8, abits=8, gbits=8, quantize_head=False),
     "m8": dict(m_bits=8, m_granularity="tensor"), "m8c": dict(m_bits=8, m_granularity="row"),
     "m4": dict(m_bits=4, m_granularity="tensor"), "m4c": dict(m_bits=4, m_granularity="row"),
     "v8": dict(v_bits=8, v_granularity="tensor", v_map="linear"),
@@ -1191,6 +1152,10 @@ def check_int8_flags(cfg):
     if odd or cfg.a_asymmetric:
         raise UserError(f"the int8 recipe fixes every scale to rows of the matmul operands; "
                         f"{', '.join(odd) or '--a_asymmetric'} needs --recipe paper")
+    wide = [f"--{k} {getattr(cfg, k)}" for k in ("wbits", "abits", "gbits") if getattr(cfg, k) > 8]
+    if wide:
+        raise UserError(f"the int8 recipe quantizes W, X and G in all three matmuls; "
+                        f"{', '.join(wide)} (a float operand) needs --recipe paper")
     g = cfg.token_group
     if g and (g & (g - 1) or not 16 <= g <= kernels.MAX_K):
         raise UserError(f"--token_group must be 0 or a power of two in 16..{kernels.MAX_K}, "

@@ -19,13 +19,11 @@ How it works:
  1. `quantize` maps a float tensor to integer codes, one scale per tensor, row, column or group:
     scale = absmax / (2^(b-1) - 1), code = clamp(round(x / scale)); dynamic: recomputed each call.
  2. A Linear runs three matmuls: Y = X W^T, dX = G W, dW = G^T X (G = dL/dY). A recipe says
-    which operands are quantized, and along which axis: `PaperRecipe`, the paper's simulation,
-    whose backward is the straight-through estimator, or `Int8Recipe`, whose scales all run along
-    axes the matmuls do not sum over, so that int8 kernels compute it exactly. `quantize_model`
-    swaps the model's nn.Linear layers for `QLinear`s that follow the recipe.
+    which operands are quantized along which axis: `PaperRecipe` (the paper's simulation; its
+    backward is the straight-through estimator) or `Int8Recipe` (every scale off the summed axis:
+    int8 kernels compute it exactly). `quantize_model` swaps in `QLinear`s that follow it.
  3. `QAdamW` is AdamW with its two moments stored as 8- or 4-bit codes.
- 4. `train` is nanoGPT's loop. The plumbing (presets, flags, checks, resume guards, distributed
-    setup) sits after it, above `main`.
+ 4. `train` is nanoGPT's loop; the plumbing (flags, checks, resuming, processes) comes after it.
 Course seams: the functions under a `# SEAM: <name>` comment (`python -m tools.course`).
 """
 
@@ -646,14 +644,12 @@ def decode_state(state, shape, bits, signed, v_map="linear"):
 class QAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction) with moments stored in m_bits / v_bits.
 
-    Each step decodes m and v to fp32, does torch.optim.AdamW's arithmetic in the same order (at 32
-    bits the results are torch's to the bit), and encodes them again: state[p] = {"step", "m",
-    "v"}, a moment being {"value"} at 32 or 16 bits (bf16, rounded stochastically) or encode_state's
-    {"codes", "scale"} at 8 or 4 bits. Only 2-D tensors with at least `min_size` elements are
-    quantized; biases, LayerNorm weights and small tensors keep fp32 moments (a few KB).
+    Each step decodes m and v to fp32, does torch.optim.AdamW's arithmetic in its order (at 32 bits:
+    torch's bits), and encodes them again. state[p] = {"step", "m", "v"}, a moment {"value"} at 32
+    or 16 bits (bf16, rounded stochastically), or encode_state's {"codes", "scale"}. Only 2-D
+    tensors of min_size elements or more are quantized (biases, LayerNorms: fp32, a few KB).
     fused (None: on CUDA) sends block-wise 8/4-bit states through kernels.py's one-pass kernel,
-    whose reference is this PyTorch step. Loading a state does not check its format against this
-    optimizer's: the caller does (check_resume).
+    whose reference this step is. load_state_dict trusts the format (check_resume checks it).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, m_bits=32,
@@ -820,11 +816,9 @@ def evaluate(model, data, cfg, device):
 def train(cfg, stop_at=None):
     """Train cfg (validated); returns (model, {'losses': [per-step train loss], 'evals': [(step,
     train, val)], 'skipped': steps skipped, 'diverged_at': step or None, 'tokens_per_s': float}).
-
-    stop_at: behave as if interrupted at that step (evaluate, save, return), for tests.
-    Under torchrun every process draws every micro-batch from the same generator and computes the
-    ones whose index falls to it, so N processes see exactly the global batch of one process.
-    """
+    stop_at: act as if interrupted at that step (evaluate, save, return), for tests. Under torchrun
+    every process draws every micro-batch and computes those whose index falls to it, so N
+    processes see exactly the global batch of one."""
     rank, world, device = setup_distributed(cfg)
     data, meta = load_data(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -939,16 +933,11 @@ def sample(cfg, model=None, meta=None):
 def operand_hooks(model, record, kind=nn.Linear):
     """While the block runs, call record(name, module, "X" or "G", tensor) with the input X and
     the output gradient G of every `kind` module, each as a 2-D (tokens, features) tensor."""
-    handles = []
-
     def flat(t):
         return t.detach().reshape(-1, t.shape[-1])
-    for name, m in model.named_modules():
-        if isinstance(m, kind):
-            handles.append(m.register_forward_pre_hook(
-                lambda m, args, name=name: record(name, m, "X", flat(args[0]))))
-            handles.append(m.register_full_backward_hook(
-                lambda m, _, g_out, name=name: record(name, m, "G", flat(g_out[0]))))
+    handles = [h for name, m in model.named_modules() if isinstance(m, kind) for h in (
+        m.register_forward_pre_hook(lambda m, a, name=name: record(name, m, "X", flat(a[0]))),
+        m.register_full_backward_hook(lambda m, _, g, name=name: record(name, m, "G", flat(g[0]))))]
     try:
         yield
     finally:
@@ -974,14 +963,13 @@ def diagnose(model):
     stats = {}
 
     def record(name, module, operand, t):
-        quantizers = module.recipe.operand_quantizers()
-        group_size = getattr(module.recipe, "group_size", None)
+        r, layer = module.recipe, stats.setdefault(name, {})
         pairs = [("W", module.weight.detach()), ("X", t)] if operand == "X" else [("G", t)]
         for what, tensor in pairs:
-            bits, granularity, floor = quantizers[what]
-            if bits < 16 and not (what == "W" and "W" in stats.get(name, {})):  # W: once
-                stats.setdefault(name, {})[what] = quantization_stats(tensor, bits, granularity,
-                                                                      floor, group_size)
+            bits, granularity, floor = r.operand_quantizers()[what]
+            if bits < 16 and not (what == "W" and "W" in layer):  # W: once, it holds still
+                layer[what] = quantization_stats(tensor, bits, granularity, floor,
+                                                 getattr(r, "group_size", None))
 
     with operand_hooks(model, record, QLinear):
         yield stats
@@ -999,13 +987,13 @@ def diagnostics_table(stats):
 
 
 def state_bytes(optimizer):
-    """Bytes held by each Adam moment: QAdamW's state tensors as stored; torch.optim.AdamW's two
-    fp32 moments (4 bytes per parameter each; it makes them at its first step)."""
-    if isinstance(optimizer, QAdamW):
-        return {k: sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                       for t in state[k].values()) for k in ("m", "v")}
-    n = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
-    return {"m": 4 * n, "v": 4 * n}
+    """Bytes of each Adam moment: QAdamW's tensors as stored; torch.optim.AdamW's fp32 moments
+    (4 bytes per parameter each; it makes them at its first step)."""
+    if not isinstance(optimizer, QAdamW):
+        n = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+        return {"m": 4 * n, "v": 4 * n}
+    return {k: sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                   for t in state[k].values()) for k in ("m", "v")}
 
 
 def memory_table(model, optimizer):
@@ -1030,8 +1018,7 @@ PRESETS = {
     "cpu": {},  # the defaults: a 0.8M-parameter char model, about 2 minutes on 2 cores
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, grad_accum=32,
                  max_iters=300000, lr=6e-4, min_lr=6e-5, warmup_iters=1000, beta2=0.95,
-                 weight_decay=0.1, grad_clip=1.0, dataset="shakespeare", eval_interval=1000,
-                 eval_iters=100, log_interval=10),
+                 dataset="shakespeare", eval_interval=1000, eval_iters=100, log_interval=10),
     "baseline": dict(wbits=32, abits=32, gbits=32),
     "w8": dict(wbits=8, w_granularity="row"), "w8t": dict(wbits=8, w_granularity="tensor"),
     "w4": dict(wbits=4, w_granularity="row"), "w4t": dict(wbits=4, w_granularity="tensor"),
@@ -1042,13 +1029,11 @@ PRESETS = {
     "w8a8": dict(wbits=8, abits=8, w_granularity="row", a_granularity="row"),
     "w8a8g8": dict(wbits=8, abits=8, gbits=8, w_granularity="row", a_granularity="row",
                    g_granularity="row"),
-    # the LM head stays bf16: at GPT-2's 50k vocabulary an 8-bit row of its gradient keeps only
-    # the target
+    # the LM head stays bf16: over a 50k vocabulary an 8-bit row of its G keeps only the target
     "int8": dict(recipe="int8", wbits=8, abits=8, gbits=8, quantize_head=False),
     "m8": dict(m_bits=8, m_granularity="tensor"), "m8c": dict(m_bits=8, m_granularity="row"),
     "m4": dict(m_bits=4, m_granularity="tensor"), "m4c": dict(m_bits=4, m_granularity="row"),
-    "v8": dict(v_bits=8, v_granularity="tensor", v_map="linear"),
-    "v8sqrt": dict(v_bits=8, v_map="sqrt"),
+    "v8": dict(v_bits=8, v_granularity="tensor", v_map="linear"), "v8sqrt": dict(v_bits=8),
     "adam8": dict(m_bits=8, v_bits=8), "adam4": dict(m_bits=4, v_bits=4),
 }
 
@@ -1126,12 +1111,10 @@ def select_backend(cfg, device):
     """The int8 recipe's backend: the Triton kernels on a CUDA GPU with int8 tensor cores."""
     if cfg.backend == "sim":
         return kernels.ReferenceBackend
-    if device.type != "cuda":
-        reason = "no CUDA device"
-    elif torch.cuda.get_device_capability(device) < (8, 0):
-        reason = "GPU older than sm80 (no int8 tensor cores)"
-    else:
-        reason = None if kernels.triton is not None else "triton is not installed"
+    reason = ("no CUDA device" if device.type != "cuda" else
+              "GPU older than sm80 (no int8 tensor cores)"
+              if torch.cuda.get_device_capability(device) < (8, 0) else
+              "triton is not installed" if kernels.triton is None else None)
     if reason is None:
         print("backend: Triton int8 kernels (kernels.py)")
         return kernels.TritonBackend
@@ -1190,12 +1173,11 @@ def build_model(cfg, vocab_size, device):
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, vocab_size)
     if min(cfg.wbits, cfg.abits, cfg.gbits) <= 8:
-        uses_kernels = RECIPES[cfg.recipe].uses_kernels
-        backend = select_backend(cfg, device) if uses_kernels else None
+        backend = select_backend(cfg, device) if RECIPES[cfg.recipe].uses_kernels else None
         swapped = quantize_model(model, cfg, backend)
+        head = "" if cfg.quantize_head else "; the LM head stays full precision"
         print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} "
-              f"g{cfg.gbits})" + ("; the LM head stays full precision" if not cfg.quantize_head
-                                  else ""))
+              f"g{cfg.gbits}){head}")
     return model.to(device)
 
 
@@ -1247,9 +1229,8 @@ STATE_KEYS = ["m_bits", "v_bits", "m_granularity", "v_granularity", "state_block
 
 
 def check_resume(ckpt, cfg, meta):
-    """Refuse to resume into another model shape, vocabulary or (without the flag) quantization.
-
-    Returns the quantization keys that change (allowed by --allow_config_change)."""
+    """Refuse to resume into another model shape, vocabulary or (without the flag) quantization;
+    returns the quantization keys that change (allowed by --allow_config_change)."""
     saved = dataclasses.asdict(checkpoint_config(ckpt))
     changes = {k: f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in SHAPE_KEYS + LINEAR_KEYS
                + STATE_KEYS if saved[k] != getattr(cfg, k)}
@@ -1268,20 +1249,14 @@ def check_resume(ckpt, cfg, meta):
 
 
 def resume(path, cfg, meta, model, optimizer, batch_gen):
-    """Load a checkpoint into the model, the optimizer and the random streams; returns (step,
-    best val loss)."""
+    """Load a checkpoint into the model, optimizer and random streams; returns (step, best val)."""
     ckpt = load_checkpoint(path)
     changed = check_resume(ckpt, cfg, meta)
     model.load_state_dict(ckpt["model"])
     if set(changed) & set(STATE_KEYS):
         print("optimizer states start afresh (their format changed)")
     else:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, ValueError) as e:
-            raise UserError(f"the optimizer state in {path} is of another format ({e}): add "
-                            f"--allow_config_change and change an Adam state flag to start it "
-                            f"afresh")
+        optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng_cpu"])
     batch_gen.set_state(ckpt["rng_batches"])
     if "rng_cuda" in ckpt and torch.cuda.is_available():

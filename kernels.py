@@ -12,9 +12,8 @@ How it works, for one Linear Y = X W^T (X: M tokens x K features, W: N x K, G = 
     `token_group` consecutive tokens*, stored as X^T, for dW = G^T X. One launch: the programs
     that take a tile of rows and those that take one group's columns are interleaved, so a group's
     column programs find its rows in L2, just read from memory by its row programs. G gets the
-    same. Codes and scales are exactly
-    qgpt.quantize's (IEEE division, round half to even, clamp before the cast, NaN -> code 0 with a
-    NaN scale). With one group of all tokens the column scales are plain per-column scales.
+    same. Codes and scales are exactly qgpt.quantize's (IEEE division, round half to even, clamp
+    before the cast, NaN -> code 0 with a NaN scale). One group of all tokens: plain per-column.
  2. `int8_matmul`: C = sum over K-groups g of (A_g @ B_g) * a_scale_g[:, None] * b_scale_g[None, :]
     (+ bias). int8 products are summed in int32 on tensor cores; the scales factor out of each
     group's sum because each runs along a dimension the sum does not cover. The forward and dX have
@@ -496,8 +495,8 @@ def _check_launchable(*tensors):
 
 
 # quantize_dual: ROW_ELEMENTS per row tile (BLOCK_K columns x ROW_TILE rows), column tiles of
-# BLOCK_N columns read BLOCK_M rows at a time. The interpreter's are small, so that the tests run
-# the multi-pass and ragged paths.
+# BLOCK_N columns read BLOCK_M rows at a time. The interpreter's are smaller than most test shapes,
+# so that the tests run the multi-pass and ragged paths.
 QUANTIZE_BLOCKS = {
     "gpu": dict(BLOCK_K=4096, ROW_ELEMENTS=8192, BLOCK_M=64, BLOCK_N=128, warps=8),
     "interpreter": dict(BLOCK_K=64, ROW_ELEMENTS=1024, BLOCK_M=16, BLOCK_N=32, warps=4)}

@@ -1033,7 +1033,8 @@ PRESETS = {
     "int8": dict(recipe="int8", wbits=8, abits=8, gbits=8, quantize_head=False),
     "m8": dict(m_bits=8, m_granularity="tensor"), "m8c": dict(m_bits=8, m_granularity="row"),
     "m4": dict(m_bits=4, m_granularity="tensor"), "m4c": dict(m_bits=4, m_granularity="row"),
-    "v8": dict(v_bits=8, v_granularity="tensor", v_map="linear"), "v8sqrt": dict(v_bits=8),
+    "v8": dict(v_bits=8, v_granularity="tensor", v_map="linear"),
+    "v8sqrt": dict(v_bits=8, v_map="sqrt"),
     "adam8": dict(m_bits=8, v_bits=8), "adam4": dict(m_bits=4, v_bits=4),
 }
 
@@ -1095,7 +1096,10 @@ def validate_config(cfg):
                 raise UserError(f"--{name} must be {what}, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    RECIPE_CHECKS[cfg.recipe](cfg)
+    if RECIPES[cfg.recipe].uses_kernels:
+        check_int8_flags(cfg)
+    elif cfg.backend == "triton":
+        raise UserError("--backend triton runs the int8 recipe only: add --recipe int8")
 
 
 def pick_device(name):
@@ -1124,11 +1128,6 @@ def select_backend(cfg, device):
     return kernels.ReferenceBackend
 
 
-def check_paper_flags(cfg):
-    if cfg.backend == "triton":
-        raise UserError("--backend triton runs the int8 recipe only: add --recipe int8")
-
-
 def check_int8_flags(cfg):
     odd = [f"--{k} {getattr(cfg, k)}" for k in ("w_granularity", "a_granularity", "g_granularity")
            if getattr(cfg, k) not in ("row", "channel", "token")]
@@ -1143,9 +1142,6 @@ def check_int8_flags(cfg):
     if g and (g & (g - 1) or not 16 <= g <= kernels.MAX_K):
         raise UserError(f"--token_group must be 0 or a power of two in 16..{kernels.MAX_K}, "
                         f"got {g}")
-
-
-RECIPE_CHECKS = {"paper": check_paper_flags, "int8": check_int8_flags}
 
 
 def check_group_size(recipe, name, linear):

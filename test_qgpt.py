@@ -483,8 +483,9 @@ def test_authors_per_feature_activation_preset():
 
 def test_project_stands_alone():
     """No file of the project points a reader at notes that are not in it."""
-    for name in ["qgpt.py", "kernels.py", "prepare_data.py", "test_qgpt.py", "README.md", "tools/study.py",
-                 "tools/bench.py", "tools/course.py"]:
+    names = ["qgpt.py", "kernels.py", "prepare_data.py", "test_qgpt.py", "README.md", "tools/study.py",
+             "tools/bench.py", "tools/course.py", "tools/COURSE.md", "tools/results/gpu/README.md"]
+    for name in [n for n in names if os.path.exists(os.path.join(HERE, n))]:  # a course copy has fewer
         text = open(os.path.join(HERE, name)).read()
         for missing in ["PAPER" + ".md", "ANCHORS" + ".md", "STYLE" + ".md", "../" + "shared"]:
             assert missing not in text, f"{name} cites {missing}, which is not part of the project"
@@ -500,9 +501,10 @@ def reading_rules():
     core = q[start:end - 1]
     recipe_names = re.compile(r'(==|!=) *"(paper|int8)"|"(paper|int8)" *(==|!=)')
     return {"line of def quantize": (next(i for i, line in enumerate(q, 1) if line.startswith("def quantize(")), 159),
-            "core path lines (quantizers to sample)": (len(core), 900),
-            "core path lines with code or docstring": (sum(bool(line.strip()) for line in core), 760),
-            "qgpt.py lines": (len(q), 1400),
+            "core path lines (quantizers to sample)": (len(core), 800),
+            "core path lines with code or docstring": (sum(bool(line.strip()) for line in core), 700),
+            # a ratchet: the code before this rule, wrapped at 100 columns, held about 1,410 lines
+            "qgpt.py lines": (len(q), 1350),
             "lines over 100 characters": (sum(len(line) > 100 for ls in lines.values() for line in ls), 0),
             "recipe-name comparisons": (sum(bool(recipe_names.search(line)) for line in q), 0),
             "README.md bytes": (os.path.getsize(os.path.join(HERE, "README.md")), 20_000)}
@@ -1136,8 +1138,10 @@ def test_kernel_matmul_strided_inputs_and_epilogue():
 def test_kernel_backend_trains_a_gpt_like_sim(tmp_path, seed):
     """A whole GPT with the int8 recipe, forward and backward: Triton and simulated backends give the same
     bits for any seed. Both sum the int8 products exactly and apply the scales in the same fp32 order, so
-    each layer's quantized operands are identical by construction and no code can flip between them."""
-    cfg = tiny_cfg(tmp_path, **{**qgpt.PRESETS["int8"], "quantize_head": True})  # the tied head too
+    each layer's quantized operands are identical by construction and no code can flip between them.
+    Odd seeds cut the 32 tokens into two token groups of 16."""
+    cfg = tiny_cfg(tmp_path, **{**qgpt.PRESETS["int8"], "quantize_head": True},  # the tied head too
+                   token_group=16 if seed % 2 else 1024)
     gen = torch.Generator().manual_seed(seed)
     x, y = on_kdev(torch.randint(0, 32, (2, 16), generator=gen), torch.randint(0, 32, (2, 16), generator=gen))
     grads = {}
@@ -1150,7 +1154,8 @@ def test_kernel_backend_trains_a_gpt_like_sim(tmp_path, seed):
         grads[backend.name] = [loss.detach().cpu()] + [p.grad.cpu() for p in model.parameters()]
     names = ["loss"] + [name for name, _ in model.named_parameters()]
     for name, a, b in zip(names, grads["triton"], grads["sim"]):
-        assert torch.equal(a, b), f"seed {seed}: {name} differs between backends, max |diff| {(a - b).abs().max():.3g}"
+        problem = _difference(a, b, name)
+        assert not problem, f"seed {seed}, token groups of {cfg.token_group}: Triton vs sim (expected): {problem}"
 
 
 @needs_triton

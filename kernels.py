@@ -1,8 +1,9 @@
 """
 kernels.py: Triton kernels for qgpt's int8 recipe, each beside a plain PyTorch reference.
 
-    python kernels.py           # GPU: every kernel against its reference, then the benchmark tables
+    python kernels.py           # GPU: the kernels against their references, then the tables
                                 # CPU: says so, checks the kernels under Triton's interpreter
+    python -m tools.bench --adamw   # the fused AdamW against qgpt.QAdamW's step (needs both files)
     python kernels.py --tune    # GPU: autotune the matmul at GPT-2's shapes, print MATMUL_TABLE
     python -m pytest test_qgpt.py -k "kernel or triton"   # compiled on a GPU, else interpreted
 
@@ -45,6 +46,7 @@ except ImportError:  # qgpt.py still runs on the references; the Triton backend 
     triton = tl = None
 
 MAX_K = 2 ** 16  # longest K-group: |int8 x int8| <= 2^14, so 2^16 of them fit in int32
+MIN_K_GROUP = 32  # shortest: an int8 tl.dot on a GPU needs K blocks of 32 or more
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,8 +135,8 @@ def _k_groups(K, k_group):
 
 
 def _group_scales(scale, n_groups, size):
-    """Scales as fp32 (groups, size); one set of scales is shared by every group."""
-    scale = scale.reshape(-1, size).float()
+    """Scales as contiguous fp32 (groups, size); one set of scales is shared by every group."""
+    scale = scale.reshape(-1, size).float().contiguous()
     if scale.shape[0] == n_groups:
         return scale
     if scale.shape[0] != 1:
@@ -312,14 +314,15 @@ if triton is not None:
         """One (BLOCK_M, BLOCK_N) tile of C = A @ B for int8 A (M, K), B (K, N), any strides.
 
         Tile order: program pid takes tile (pid_m, pid_n) in groups of GROUP_M tile-rows (they
-        share B's columns in L2). K is walked in groups of k_group, each in blocks of BLOCK_K (mask
-        k < K, m < M, n < N; masked codes are 0): the group's products are summed in an int32
-        accumulator (tl.dot, out_dtype int32: exact); with DEQUANT the sum is then promoted,
-        out += fp32(sum) * a_scale[j, m] * b_scale[j, n] (fp32, in that order; j = the group's
-        index, a_scale (J, M) at a_scale_ptr + j * M + m, b_scale (J, N) at b_scale_ptr + j * N
-        + n), and after the last group + bias[n] (HAS_BIAS), cast to C's dtype, stored at
-        c_ptr + m * stride_cm + n * stride_cn. Without DEQUANT (one group only) the int32 sums
-        are stored as they are.
+        share B's columns in L2). K is walked in blocks of BLOCK_K (mask k < K, m < M, n < N;
+        masked codes are 0), the products summed in an int32 accumulator (tl.dot with out_dtype
+        int32: exact). With DEQUANT, at the end of each group of k_group (the block that ends
+        at a multiple of k_group, or at K), the group's sum is promoted and the accumulator
+        restarts: out += fp32(sum) * a_scale[j, m] * b_scale[j, n] (fp32, in that order; j = the
+        group's index; a_scale (J, M) at a_scale_ptr + j * M + m, b_scale (J, N) at
+        b_scale_ptr + j * N + n). After the last: + bias[n] (HAS_BIAS), cast to C's dtype, stored
+        at c_ptr + m * stride_cm + n * stride_cn. Without DEQUANT (one group only) the int32 sums
+        are stored as they are. One loop over K: the pipeline never drains between groups.
         """
         pid = tl.program_id(0)
         num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -333,21 +336,21 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         mask_m, mask_n = offs_m < M, offs_n < N
         out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for g0 in range(0, K, k_group):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # int32: exact for a group <= MAX_K
-            for k0 in range(g0, tl.minimum(g0 + k_group, K), BLOCK_K):
-                ks = k0 + offs_k
-                a = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
-                            mask=mask_m[:, None] & (ks[None, :] < K), other=0)
-                b = tl.load(b_ptr + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                            mask=(ks[:, None] < K) & mask_n[None, :], other=0)
-                acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # on tensor cores
-            if DEQUANT:  # promote the group's sum with its scales
-                j = g0 // k_group
-                a_scale = tl.load(a_scale_ptr + j * M + offs_m, mask=mask_m, other=0.0)
-                b_scale = tl.load(b_scale_ptr + j * N + offs_n, mask=mask_n, other=0.0)
-                out += acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # int32: exact for a group <= MAX_K
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                        mask=mask_m[:, None] & (ks[None, :] < K), other=0)
+            b = tl.load(b_ptr + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                        mask=(ks[:, None] < K) & mask_n[None, :], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # on tensor cores
+            if DEQUANT:
+                if ((k0 + BLOCK_K) % k_group == 0) | (k0 + BLOCK_K >= K):  # a group ends here
+                    j = k0 // k_group
+                    a_scale = tl.load(a_scale_ptr + j * M + offs_m, mask=mask_m, other=0.0)
+                    b_scale = tl.load(b_scale_ptr + j * N + offs_n, mask=mask_n, other=0.0)
+                    out += acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         if DEQUANT:
             if HAS_BIAS:
@@ -381,17 +384,17 @@ if triton is not None:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for g0 in range(0, K, k_group):
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-                for k0 in range(g0, tl.minimum(g0 + k_group, K), BLOCK_K):
-                    a = a_desc.load([pid_m * BLOCK_M, k0])
-                    bt = bt_desc.load([pid_n * BLOCK_N, k0])
-                    acc = tl.dot(a, bt.T, acc, out_dtype=tl.int32)
+            for k0 in range(0, K, BLOCK_K):
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+                bt = bt_desc.load([pid_n * BLOCK_N, k0])
+                acc = tl.dot(a, bt.T, acc, out_dtype=tl.int32)
                 if DEQUANT:
-                    j = g0 // k_group
-                    a_scale = tl.load(a_scale_ptr + j * M + offs_m, mask=offs_m < M, other=0.0)
-                    b_scale = tl.load(b_scale_ptr + j * N + offs_n, mask=offs_n < N, other=0.0)
-                    out += acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+                    if ((k0 + BLOCK_K) % k_group == 0) | (k0 + BLOCK_K >= K):  # a group ends here
+                        j = k0 // k_group
+                        a_scale = tl.load(a_scale_ptr + j * M + offs_m, mask=offs_m < M, other=0.0)
+                        b_scale = tl.load(b_scale_ptr + j * N + offs_n, mask=offs_n < N, other=0.0)
+                        out += acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+                        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             if DEQUANT:
                 if HAS_BIAS:
                     bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -540,15 +543,10 @@ def quantize_rows(x, bits=8, absmax_floor=1e-5):
     return quantize_dual(x, bits, absmax_floor, rows=True, columns=False)[0]
 
 
-def quantize_columns(x, bits=8, absmax_floor=1e-5):
-    """Triton: (M, K) float -> int8 codes (M, K) (a view of X^T's rows), fp32 scale (1, K)."""
-    colt_codes, scale = quantize_dual(x, bits, absmax_floor, rows=False, columns=True)[1]
-    return colt_codes.t(), scale
-
-
 # (M, N, K) -> (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the fastest of 15
-# configurations at GPT-2 small's shapes on an H100 (run 4; the dW shape 3072 x 768 x 16384 was
-# fastest on the pointer kernel). `python kernels.py --tune` measures them again and prints this.
+# configurations at GPT-2 small's shapes on an H100 (run 4, with the kernels' one-group form; the dW
+# shape 3072 x 768 x 16384 was fastest on the pointer kernel). `python kernels.py --tune` measures
+# both kernels at GPT-2 small, medium and XL widths and prints a new table.
 MATMUL_TABLE = {
     (16384, 2304, 768): ("tma", 128, 128, 256, 3, 8),
     (16384, 3072, 768): ("tma", 128, 256, 128, 3, 8),
@@ -617,15 +615,15 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_gr
     if not dequant and n_groups > 1:
         raise ValueError(f"int32 output needs one K-group of at most {MAX_K}: the int32 sums "
                          f"could overflow (K = {K}); ask for a float out_dtype")
-    if n_groups > 1 and group & (group - 1):
-        raise ValueError(f"k_group must be a power of two, got {group}")
+    if n_groups > 1 and (group & (group - 1) or group < MIN_K_GROUP):
+        raise ValueError(f"k_group must be a power of two >= {MIN_K_GROUP}, got {group}")
     a_scale, b_scale = _group_scales(a_scale, n_groups, M), _group_scales(b_scale, n_groups, N)
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M * N == 0:
         return c
     if K == 0:
         return c.zero_() if bias is None else c.copy_(bias.expand(M, N))
-    bias_arg = a_scale if bias is None else bias  # any pointer when HAS_BIAS is off
+    bias_arg = a_scale if bias is None else bias.contiguous()  # any pointer without a bias
     if a.is_cuda:
         kernel, bm, bn, bk, stages, warps = matmul_config(M, N, K)
         meta = dict(GROUP_M=8, num_stages=stages, num_warps=warps, **EXACT)
@@ -687,7 +685,8 @@ if triton is not None:  # PyTorch custom operators: torch.compile sees each laun
     def quantize_dual_op(x: torch.Tensor, bits: int, absmax_floor: float, token_group: int,
                          rows: bool, columns: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        none = (x.new_empty((0,)), x.new_empty((0,)))  # an operator returns tensors only
+        # an operator returns tensors only: an empty pair for a part not asked for
+        none = (x.new_empty((0,), dtype=torch.int8), x.new_empty((0,), dtype=torch.float32))
         row_part, column_part = quantize_dual(x, bits, absmax_floor, token_group, rows, columns)
         return (*(row_part or none), *(column_part or none))
 
@@ -755,11 +754,11 @@ def check(device):
         # the epilogue: the same fp32 operations in the same order: exact
         ok &= compare(f"int8_matmul epilogue {shape}", int8_matmul(a, a_scale, b, b_scale),
                       int8_matmul_reference(a, a_scale, b, b_scale))
-        if K >= 32:  # K in groups of 16, scales per group
-            ga, gb = torch.rand(-(-K // 16), M, device=device), torch.rand(-(-K // 16), N,
+        if K > 32:  # K in groups of 32, scales per group
+            ga, gb = torch.rand(-(-K // 32), M, device=device), torch.rand(-(-K // 32), N,
                                                                              device=device)
-            ok &= compare(f"int8_matmul 16-groups {shape}", int8_matmul(a, ga, b, gb, k_group=16),
-                          int8_matmul_reference(a, ga, b, gb, k_group=16))
+            ok &= compare(f"int8_matmul 32-groups {shape}", int8_matmul(a, ga, b, gb, k_group=32),
+                          int8_matmul_reference(a, ga, b, gb, k_group=32))
         c = torch.empty(M, N, device=device)
         if _tma_ok(a, b, c) and _tma_ok(a, b, c.int()):  # the TMA kernel, where its layout allows
             ok &= compare(f"int8_matmul tma epilogue {shape}", int8_matmul(a, a_scale, b, b_scale,
@@ -824,12 +823,12 @@ def matmul_shapes(widths=(768, 1024, 1600), tokens=16384):
 
 
 def tune(token_group=1024):
-    """Autotune both matmul kernels over a grid of block sizes at GPT-2's shapes (dW with K-groups
-    of token_group); print the fastest as a MATMUL_TABLE to paste above."""
+    """Time both matmul kernels over a grid of block sizes at GPT-2's shapes (dW with K-groups of
+    token_group); print the fastest of each shape as a MATMUL_TABLE to paste above."""
     from triton.testing import do_bench
-    grid = [(bm, bn, bk, s, w) for bm, bn, bk, s, w in [
-        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 128, 4, 8), (128, 128, 256, 3, 8),
-        (128, 128, 128, 4, 4), (128, 128, 64, 5, 4), (64, 256, 128, 4, 4), (128, 64, 128, 4, 4)]]
+    grid = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 128, 4, 8),
+            (128, 128, 256, 3, 8), (128, 128, 128, 4, 4), (128, 128, 64, 5, 4),
+            (64, 256, 128, 4, 4), (128, 64, 128, 4, 4)]  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
     print("MATMUL_TABLE = {")
     for M, N, K in matmul_shapes():
         group = token_group if K == 16384 else 0
@@ -837,20 +836,22 @@ def tune(token_group=1024):
         b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda").t()
         J = _k_groups(K, group)[1]
         sa, sb = torch.rand(J, M, device="cuda"), torch.rand(J, N, device="cuda")
-        best = None
+        timed = []
         for kernel in ("tma", "pointer"):
-            for bm, bn, bk, stages, warps in grid:
-                MATMUL_TABLE[(M, N, K)] = (kernel, bm, bn, bk, stages, warps)
+            for blocks in grid:
+                MATMUL_TABLE[(M, N, K)] = (kernel, *blocks)
                 try:
-                    ms = do_bench(lambda: int8_matmul(a, sa, b, sb, None, torch.bfloat16, group,
-                                                      use_tma=kernel == "tma"), warmup=5, rep=20)
-                except Exception:  # a configuration that does not fit this GPU's shared memory
-                    continue
-                if best is None or ms < best[0]:
-                    best = (ms, MATMUL_TABLE[(M, N, K)])
-        MATMUL_TABLE[(M, N, K)] = best[1]
-        print(f"    ({M}, {N}, {K}): {best[1]},  # {2 * M * N * K / best[0] / 1e9:.0f} TOP/s",
-              flush=True)
+                    timed.append((do_bench(lambda: int8_matmul(a, sa, b, sb, None, torch.bfloat16,
+                                                               group, use_tma=kernel == "tma"),
+                                           warmup=5, rep=20), MATMUL_TABLE[(M, N, K)]))
+                except Exception as e:  # e.g. a tile that does not fit this GPU's shared memory
+                    print(f"    # {(M, N, K)} {(kernel, *blocks)}: {type(e).__name__}")
+        if not timed:
+            print(f"    # {(M, N, K)}: no configuration ran")
+            continue
+        ms, best = min(timed, key=lambda t: t[0])
+        MATMUL_TABLE[(M, N, K)] = best
+        print(f"    ({M}, {N}, {K}): {best},  # {2 * M * N * K / ms / 1e9:.0f} TOP/s", flush=True)
     print("}")
 
 

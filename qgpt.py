@@ -317,7 +317,8 @@ class Int8Recipe:
     dW sums over the tokens, so its scales may change from one group of `token_group` consecutive
     tokens to the next: each group's int32 sum is promoted to fp32 with its own scales. X and G are
     quantized along both axes by one read; X's column codes are saved for dW instead of X (1 byte
-    per element, not 2 or 4); W's codes come from QLinear, once per optimizer step. The backend
+    per element, not 2 or 4); W's codes come from QLinear, once per optimizer step (under
+    torch.compile once per micro-step: a graph keeps no Python state). The backend
     runs the two operations, `quantize_dual` and `int8_matmul`: kernels.ReferenceBackend in PyTorch
     (the simulation), or kernels.TritonBackend on int8 tensor cores, to the same bits.
     """
@@ -328,6 +329,10 @@ class Int8Recipe:
     token_group: int
     fuse_quantizers: bool
     backend: type = kernels.ReferenceBackend
+
+    def __post_init__(self):
+        if max(self.wbits, self.abits, self.gbits) > 8:
+            raise ValueError(f"the int8 recipe needs W, X and G at 8 bits or fewer: {self}")
 
     def operand_quantizers(self):  # diagnostics: their rows (the other axes err alike)
         return {"W": (self.wbits, "row", ACT_FLOOR), "X": (self.abits, "row", ACT_FLOOR),
@@ -349,19 +354,22 @@ class Int8Recipe:
         return self.backend.int8_matmul(a[0], a[1], b[0].t(), b[1], bias, out_dtype, k_group)
 
     def linear(self, x, weight, bias, weight_codes=None):
-        return Int8Linear.apply(x, weight, bias, self, weight_codes)
+        needs_dw = torch.is_grad_enabled() and weight.requires_grad  # else no X^T codes to make
+        return Int8Linear.apply(x, weight, bias, self, weight_codes, needs_dw)
 
 
 class Int8Linear(torch.autograd.Function):
     """Y = X W^T + b on int8 codes: Int8Recipe's three matmuls (see there)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, r, w_codes):
+    def forward(ctx, x, weight, bias, r, w_codes, needs_dw):
         # X (M, K) -> row codes (M, K), scales (M, 1); column codes of X^T (K, M), scales (J, K)
-        x_rows, x_cols = r.quantizers().quantize_dual(x, r.abits, ACT_FLOOR, r.token_group)
+        x_rows, x_cols = r.quantizers().quantize_dual(x, r.abits, ACT_FLOOR, r.token_group,
+                                                      columns=needs_dw)
         w_rows, w_cols = w_codes
         ctx.recipe, ctx.has_bias, ctx.dtypes = r, bias is not None, (x.dtype, weight.dtype)
-        ctx.save_for_backward(*x_cols, *w_cols)  # int8 codes and their scales: no float X
+        if needs_dw:
+            ctx.save_for_backward(*x_cols, *w_cols)  # int8 codes and their scales: no float X
         return r.matmul(x_rows, w_rows, bias, compute_dtype(x))
 
     @staticmethod
@@ -380,7 +388,7 @@ class Int8Linear(torch.autograd.Function):
                M tokens, group by group                                         (N, K)
           db = G.sum(0, dtype=torch.float32): the unquantized G summed over the tokens, in fp32,
                cast to W's dtype; None without a bias.
-        Returns (dX, dW, db, None, None).
+        Returns (dX, dW, db, None, None, None).
         """
         r = ctx.recipe
         x_dtype, w_dtype = ctx.dtypes
@@ -390,7 +398,7 @@ class Int8Linear(torch.autograd.Function):
         grad_b = g.sum(0, dtype=torch.float32).to(w_dtype) if ctx.has_bias else None
         grad_x = r.matmul(g_rows, (wt_codes, wt_scale), None, x_dtype)  # G per token, W per k
         grad_w = r.matmul(g_cols, (xt_codes, xt_scale), None, w_dtype, r.token_group)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 RECIPES = {"paper": PaperRecipe, "int8": Int8Recipe}
@@ -909,8 +917,9 @@ def sample(cfg, model=None, meta=None):
     device = pick_device(cfg.device)
     if model is None:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-        meta = ckpt["meta"]
-        model = build_model(checkpoint_config(ckpt), meta["vocab_size"], device)
+        meta, trained = ckpt["meta"], checkpoint_config(ckpt)
+        validate_config(dataclasses.replace(trained, compile=False, fuse_quantizers=False))
+        model = build_model(trained, meta["vocab_size"], device)
         model.load_state_dict(ckpt["model"])
     check_prompt(cfg.prompt, meta)
     encode, decode = load_codec(meta)
@@ -1098,8 +1107,11 @@ def validate_config(cfg):
         raise UserError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     if RECIPES[cfg.recipe].uses_kernels:
         check_int8_flags(cfg)
-    elif cfg.backend == "triton":
-        raise UserError("--backend triton runs the int8 recipe only: add --recipe int8")
+    elif cfg.backend == "triton" or cfg.fuse_quantizers:
+        flag = "--backend triton" if cfg.backend == "triton" else "--fuse_quantizers"
+        raise UserError(f"{flag} is for the int8 recipe only: add --recipe int8")
+    if cfg.fuse_quantizers and not cfg.compile:
+        raise UserError("--fuse_quantizers has inductor fuse the quantizers: add --compile")
 
 
 def pick_device(name):
@@ -1138,9 +1150,9 @@ def check_int8_flags(cfg):
     if wide:
         raise UserError(f"the int8 recipe quantizes W, X and G in all three matmuls; "
                         f"{', '.join(wide)} (a float operand) needs --recipe paper")
-    g = cfg.token_group
-    if g and (g & (g - 1) or not 16 <= g <= kernels.MAX_K):
-        raise UserError(f"--token_group must be 0 or a power of two in 16..{kernels.MAX_K}, "
+    g, low = cfg.token_group, kernels.MIN_K_GROUP
+    if g and (g & (g - 1) or not low <= g <= kernels.MAX_K):
+        raise UserError(f"--token_group must be 0 or a power of two in {low}..{kernels.MAX_K}, "
                         f"got {g}")
 
 
@@ -1218,18 +1230,24 @@ def checkpoint_config(ckpt):
 
 
 SHAPE_KEYS = ["n_layer", "n_head", "n_embd", "block_size", "bias"]
-LINEAR_KEYS = ["recipe", "wbits", "abits", "gbits", "w_granularity", "a_granularity",
-               "g_granularity", "group_size", "a_asymmetric", "g_matmuls", "token_group",
-               "quantize_head"]
 STATE_KEYS = ["m_bits", "v_bits", "m_granularity", "v_granularity", "state_block_size", "v_map"]
+
+
+def linear_keys(cfg):
+    """The flags that decide what the quantized Linears compute: those the recipe reads."""
+    read = [f.name for f in dataclasses.fields(RECIPES[cfg.recipe])]
+    return ["recipe", "quantize_head"] + [k for k in read if k not in ("backend",
+                                                                      "fuse_quantizers")]
 
 
 def check_resume(ckpt, cfg, meta):
     """Refuse to resume into another model shape, vocabulary or (without the flag) quantization;
     returns the quantization keys that change (allowed by --allow_config_change)."""
-    saved = dataclasses.asdict(checkpoint_config(ckpt))
-    changes = {k: f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in SHAPE_KEYS + LINEAR_KEYS
-               + STATE_KEYS if saved[k] != getattr(cfg, k)}
+    trained = checkpoint_config(ckpt)
+    saved = dataclasses.asdict(trained)
+    keys = SHAPE_KEYS + list(dict.fromkeys(linear_keys(trained) + linear_keys(cfg))) + STATE_KEYS
+    changes = {k: f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys
+               if saved[k] != getattr(cfg, k)}
     shape = [change for k, change in changes.items() if k in SHAPE_KEYS]
     if shape:
         raise UserError(f"the checkpoint has another model shape ({', '.join(shape)}): use its "
@@ -1249,7 +1267,9 @@ def resume(path, cfg, meta, model, optimizer, batch_gen):
     ckpt = load_checkpoint(path)
     changed = check_resume(ckpt, cfg, meta)
     model.load_state_dict(ckpt["model"])
-    if set(changed) & set(STATE_KEYS):
+    states = list(ckpt["optimizer"]["state"].values())
+    older = not isinstance(optimizer, QAdamW) and states and "m" in states[0]  # QAdamW's fp32
+    if set(changed) & set(STATE_KEYS) or older:
         print("optimizer states start afresh (their format changed)")
     else:
         optimizer.load_state_dict(ckpt["optimizer"])

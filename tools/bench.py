@@ -124,12 +124,13 @@ def linear_step_kernels(make_linear, tokens, n_in, n_out, device):
     torch.manual_seed(0)
     layer = make_linear(n_in, n_out).to(device)
     x = torch.randn(tokens, n_in, device=device, requires_grad=True)
-    g = torch.randn(tokens, n_out, device=device)
+    with qgpt.autocast_context(device):  # G in the dtype of Y: no cast inside the counted step
+        g = torch.randn(tokens, n_out, device=device).to(layer(x).dtype)
 
     def step():
         with qgpt.autocast_context(device):
             y = layer(x)
-        y.backward(g.to(y.dtype))
+        y.backward(g)
     step()  # W's codes are made once per optimizer step: not counted
     for p in [x, *layer.parameters()]:
         p.grad = None

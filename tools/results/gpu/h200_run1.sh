@@ -18,10 +18,12 @@ step() {  # step NAME SECONDS COMMAND...: a timeout for each, everything in the 
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU") | tee -a "$L"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$L"
 python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1 | tee -a "$L"
-step "kernel tests, compiled" 110 python3 -m pytest test_qgpt.py -q -p no:cacheprovider -x \
+step "kernel tests, compiled" 90 python3 -m pytest test_qgpt.py -q -p no:cacheprovider \
   -k "kernel or triton or fused_adam or reduce_overhead"
-step "kernels.py: check and tables" 100 python3 kernels.py
-step "$MODEL, compiled: bf16, torchao, int8, int8 + adam8" 230 python3 -m tools.bench --model "$MODEL" \
+step "kernels.py: check and tables" 70 python3 kernels.py
+step "$MODEL, compiled: bf16, torchao, int8, int8 + adam8" 180 python3 -m tools.bench --model "$MODEL" \
   --compile --steps "$STEPS" --warmup 3
-step "$MODEL, compiled, quantizers fused by inductor: int8" 80 python3 -m tools.bench --model "$MODEL" \
+step "$MODEL, CUDA graphs: bf16, int8" 70 python3 -m tools.bench --model "$MODEL" --compile \
+  --compile_mode reduce-overhead --runs 0,2 --steps "$STEPS" --warmup 3 --profile_steps 0
+step "$MODEL, compiled, quantizers fused by inductor: int8" 60 python3 -m tools.bench --model "$MODEL" \
   --compile --fuse_quantizers --runs 2 --steps "$STEPS" --warmup 3

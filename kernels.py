@@ -295,7 +295,7 @@ if triton is not None:
                                    stride_xm, stride_xk, qmax, absmax_floor, BLOCK_K, SINGLE_PASS)
         if COLUMNS:
             group = block - lag
-            if (r >= row_items) & (group >= 0) & (group < n_groups):
+            if (r >= row_items) & (group >= 0):  # (the grid ends at group n_groups - 1)
                 cols = (r - row_items) * BLOCK_N + tl.arange(0, BLOCK_N)
                 row_start = group * token_group
                 row_end = tl.minimum(row_start + token_group, M)

@@ -1399,6 +1399,9 @@ def _adversarial(M, K, dtype, seed=0):
     if M > 6:
         x[5, ::3] = 3e38
         x[6] = x[6] * 1e-30
+    if M > 7 and dtype == torch.float32:  # subnormals: at 4 bits and floor 0, x / scale reaches -8
+        x[7] = torch.tensor(2.0 ** -149) * torch.randint(-8, 8, (K,), generator=gen).float()
+        x[7, 0] = -8 * 2.0 ** -149
     return x.to(dtype)
 
 
@@ -1432,7 +1435,7 @@ def test_kernel_quantize_rows_equals_qgpt_quantize(M, K, dtype, layout, monkeypa
     monkeypatch.setitem(kernels.QUANTIZE_BLOCKS, "gpu", {**kernels.QUANTIZE_BLOCKS["interpreter"], "warps": 4})
     x = _adversarial(M, K, dtype)
     xk, = on_kdev(_laid_out(x, layout))
-    for bits, floor in [(8, 1e-5), (4, 1e-5), (8, 0.0)]:
+    for bits, floor in [(8, 1e-5), (4, 1e-5), (8, 0.0), (4, 0.0)]:
         codes, scale, _ = quantize(x, bits, "row", absmax_floor=floor)
         got_codes, got_scale = kernels.quantize_rows(xk, bits, floor)
         problem = _difference(got_codes, codes, f"{bits}-bit codes") or \
@@ -1446,7 +1449,8 @@ def test_kernel_quantize_rows_equals_qgpt_quantize(M, K, dtype, layout, monkeypa
 @pytest.mark.parametrize("M,K,token_group,dtype,layout", [
     (1, 1, 0, torch.float32, "contiguous"), (40, 300, 16, torch.bfloat16, "sliced"),
     (40, 9, 32, torch.float32, "transposed"), (130, 70, 64, torch.bfloat16, "contiguous"),
-    (33, 17, 16, torch.float32, "sliced"), (130, 70, 0, torch.float32, "transposed")])
+    (33, 17, 16, torch.float32, "sliced"), (130, 70, 0, torch.float32, "transposed"),
+    (40, 9, 8, torch.float32, "contiguous")])  # 8 rows: a group shorter than a block of rows
 def test_kernel_quantize_columns_equals_qgpt_quantize(M, K, token_group, dtype, layout):
     """The column half of kernels.quantize_dual: for each group of token_group consecutive rows
     (0: all; the last group may be shorter), qgpt.quantize(x[group], b, "column"): codes stored as
@@ -1469,17 +1473,18 @@ def test_kernel_quantize_columns_equals_qgpt_quantize(M, K, token_group, dtype, 
                                 f"{m0}..{min(m0 + group, M) - 1}): {problem} (expected: qgpt.quantize column)"
         assert col_scale.shape == (-(-M // group), K), f"scales: one row per token group, got {col_scale.shape}"
         ref = kernels.quantize_dual_reference(x, bits, 1e-5, token_group)[1]
+        assert ref[0].is_contiguous(), "the reference's X^T codes must be contiguous too (the contract)"
         problem = _difference(colt_codes, ref[0], "codes") or _difference(col_scale, ref[1], "scales")
         assert not problem, f"kernels.quantize_dual_reference (expected) against the kernel: {problem}"
 
 
 @needs_triton
-@pytest.mark.parametrize("K,k_group", [(70, 32), (200, 64), (80, 32), (300, 64), (16, 0)])
+@pytest.mark.parametrize("K,k_group", [(70, 32), (200, 64), (80, 32), (256, 64), (300, 64), (16, 0)])
 def test_kernel_matmul_token_groups_exact(K, k_group):
     """int8_matmul with K in groups of k_group (the last one shorter), one scale pair per group:
     the same fp32 operations in the same order as int8_matmul_reference, so the same bits, on the
-    pointer kernel (any strides: B column-major) and the TMA kernel; K = 200 in groups of 64 walks
-    two blocks of 32 per group under the interpreter."""
+    pointer kernel (any strides: B column-major) and the TMA kernel; K = 200 and 256 in groups of 64
+    walk two blocks of 32 per group under the interpreter."""
     gen = torch.Generator().manual_seed(K + k_group)
     M, N = 33, 40
     J = -(-K // (k_group or K))
@@ -1529,6 +1534,18 @@ def test_kernel_matmul_long_k_does_not_overflow():
     assert got == 127 * 127 * K == 2180124672, f"long-K sum {got:.0f}, expected {127 * 127 * K} (chunks of int32 in fp32)"
     with pytest.raises(ValueError, match="overflow"):
         kernels.int8_matmul(a, one, b, one, out_dtype=torch.int32)
+    got = kernels.int8_matmul(a, one, b, one, k_group=kernels.MAX_K).item()  # the longest group
+    assert got == 127 * 127 * K, f"groups of MAX_K = {kernels.MAX_K}: {got:.0f}, expected {127 * 127 * K}"
+    # one group of 4097 products: the reference sums them exactly past 2^24, then rounds once to fp32
+    # (a sum kept in fp32 all along ends 2016 lower)
+    want = float(np.float32(127 * 127 * 4097))
+    ref = kernels.int8_matmul_reference(a.cpu()[:, :4097], one.cpu(), b.cpu()[:4097], one.cpu()).item()
+    assert ref == want, f"int8_matmul_reference, one group of 4097: {ref:.0f}, expected {want:.0f}"
+    bias, = on_kdev(torch.tensor([2.5]))
+    for name, out in [("kernel", kernels.int8_matmul(a[:, :0], one, b[:0], one, bias)),
+                      ("reference", kernels.int8_matmul_reference(a[:, :0].cpu(), one.cpu(), b[:0].cpu(), one.cpu(),
+                                                                  bias.cpu()))]:
+        assert out.item() == 2.5, f"{name}: K = 0 leaves the bias alone: got {out.item()}, expected 2.5"
 
 
 def _own_quantize(x, axis, floor):

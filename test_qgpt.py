@@ -794,6 +794,7 @@ def test_sigkill_then_resume_matches(char_data):
     (["--backend", "triton"], "--recipe int8"),
     (["--preset", "int8", "--backend", "triton"], "needs a CUDA GPU"),
     (["--preset", "int8", "--token_group", "16"], "--token_group must be 0 or a power of two in 32..65536, got 16"),
+    (["--preset", "int8", "--token_group", "96"], "--token_group must be 0 or a power of two in 32..65536, got 96"),
     (["--fuse_quantizers"], "--fuse_quantizers is for the int8 recipe only"),
     (["--preset", "int8", "--fuse_quantizers"], "add --compile"),
     (["--w_granularity", "group", "--group_size", "48", "--wbits", "8"], "does not divide"),
@@ -1320,7 +1321,14 @@ def test_weight_quantized_once_per_step_int8(tmp_path, monkeypatch):
 @pytest.mark.parametrize("inductor_quantize", [False, True])
 def test_triton_backend_compiles_fullgraph(tmp_path, monkeypatch, inductor_quantize):
     """The int8 recipe on the Triton kernels traces with fullgraph=True (custom ops); same loss and grads,
-    with the quantizers as Triton kernels or as PyTorch ops for inductor to fuse."""
+    with the quantizers as Triton kernels or as PyTorch ops for inductor to fuse (--fuse_quantizers):
+    the traced graphs hold qgpt::quantize_dual exactly when the flag is off, qgpt::int8_matmul always."""
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
     cfg = tiny_cfg(tmp_path, **qgpt.PRESETS["int8"], fuse_quantizers=inductor_quantize)
     gen = torch.Generator().manual_seed(1)
     x, y = on_kdev(torch.randint(0, 32, (2, 16), generator=gen), torch.randint(0, 32, (2, 16), generator=gen))
@@ -1331,12 +1339,17 @@ def test_triton_backend_compiles_fullgraph(tmp_path, monkeypatch, inductor_quant
         qgpt.quantize_model(model, cfg, kernels.TritonBackend)
         model = model.to(KDEV)
         torch._dynamo.reset()
-        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+        run = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
         loss = run(x, y)[1]
         loss.backward()
         results[compiled] = [loss.detach().cpu()] + [p.grad.cpu() for p in model.parameters()]
     for i, (a, b) in enumerate(zip(results[True], results[False])):
         assert torch.equal(a, b), f"compiled vs eager: tensor {i} differs (max |diff| {(a - b).abs().max():.3g})"
+    code = "\n".join(graphs)
+    assert "qgpt.int8_matmul" in code, "the int8 matmuls must stay the Triton custom op"
+    assert ("qgpt.quantize_dual" in code) != inductor_quantize, \
+        f"--fuse_quantizers {inductor_quantize}: the Triton quantizer op must be in the graph iff the flag is off"
 
 
 @needs_triton
@@ -1519,6 +1532,9 @@ def test_kernel_budget_int8_linear_at_most_7():
         qgpt.quantize_model(holder, cfg, kernels.TritonBackend)
         return holder[0]
     count, names = bench.linear_step_kernels(make, 40, 24, 16, torch.device(KDEV))
+    cfg = qgpt.dataclasses.replace(cfg, fuse_quantizers=True)  # eager: the flag changes nothing
+    assert bench.linear_step_kernels(make, 40, 24, 16, torch.device(KDEV))[1] == names, \
+        "--fuse_quantizers must act under torch.compile only"
     print(f"one int8 QLinear, one micro-step: {count} kernels: {names}")
     assert count <= 7, f"{count} kernels per micro-step, more than 7: {names}"
     assert sum("quantize" in n for n in names) == 2 and sum("int8_matmul" in n for n in names) == 3, \

@@ -448,6 +448,10 @@ def test_group_size_check_uses_each_operands_width(tmp_path):
     with pytest.raises(qgpt.UserError, match="the width 24 of x"):
         check(g16, "x", nn.Linear(16, 24))
     check(Config(abits=8, w_granularity="group", group_size=48), "x", nn.Linear(32, 32))  # W at 32 bits
+    a16 = Config(abits=8, a_granularity="group", group_size=16)
+    check(a16, "x", nn.Linear(16, 24))  # X rows: the 16 inputs
+    with pytest.raises(qgpt.UserError, match="the width 24 of x .*--a_granularity group"):
+        check(a16, "x", nn.Linear(24, 16))
     cfg = tiny_cfg(tmp_path, gbits=8, g_granularity="group", group_size=16, quantize_head=False)
     assert len(qgpt.quantize_model(qgpt.GPT(cfg, vocab_size=40), cfg)) == 4, "the unquantized head must not be checked"
     cfg = tiny_cfg(tmp_path, gbits=8, g_granularity="group", group_size=16)
@@ -795,6 +799,7 @@ def test_sigkill_then_resume_matches(char_data):
     (["--preset", "int8", "--backend", "triton"], "needs a CUDA GPU"),
     (["--preset", "int8", "--token_group", "16"], "--token_group must be 0 or a power of two in 32..65536, got 16"),
     (["--preset", "int8", "--token_group", "96"], "--token_group must be 0 or a power of two in 32..65536, got 96"),
+    (["--preset", "int8", "--a_asymmetric"], "--a_asymmetric needs --recipe paper"),
     (["--fuse_quantizers"], "--fuse_quantizers is for the int8 recipe only"),
     (["--preset", "int8", "--fuse_quantizers"], "add --compile"),
     (["--w_granularity", "group", "--group_size", "48", "--wbits", "8"], "does not divide"),
@@ -1124,6 +1129,10 @@ if kernels.triton is not None:
         offs = tl.arange(0, BLOCK)
         tl.store(x_ptr + offs, offs.to(tl.float32))  # no mask: a wrong kernel
 
+    @kernels.triton.jit
+    def _store_int64_at(x_ptr, offset):  # 8 bytes at x_ptr + 8 * offset
+        tl.store(x_ptr.to(tl.pointer_type(tl.int64)) + offset, 0)
+
 
 @pytest.mark.skipif(KDEV != "cpu", reason="the check is the interpreter's; a GPU has its own tools")
 @needs_triton
@@ -1133,6 +1142,13 @@ def test_interpreter_bounds_check_names_the_kernel():
     x = torch.zeros(4)
     with pytest.raises(Exception, match="_store_past_the_end: 60 stores out of bounds"):
         _store_past_the_end[(1,)](x, BLOCK=64)
+    three = torch.zeros(3)  # 12 bytes: an 8-byte store at byte 8 ends 4 bytes past them
+    with pytest.raises(Exception, match="_store_int64_at: 1 stores out of bounds"):
+        _store_int64_at[(1,)](three, 1)
+    other = torch.zeros(4)  # an argument of an earlier launch only: not this launch's memory
+    _store_int64_at[(1,)](other, 0)
+    with pytest.raises(Exception, match="_store_int64_at: 1 stores out of bounds"):
+        _store_int64_at[(1,)](x, (other.data_ptr() - x.data_ptr()) // 8)
 
 
 @needs_triton
@@ -1242,6 +1258,7 @@ def test_fused_adam_kernel_equals_pytorch_step(m_bits, v_bits, beta1, v_map, sha
         p = nn.Parameter((torch.randn(shape) * 0.02).to(KDEV))
         opt = QAdamW([p], lr=1e-2, betas=(beta1, 0.99), weight_decay=0.1, m_bits=m_bits, v_bits=v_bits,
                      v_map=v_map, block_size=32, min_size=1, fused=fused)
+        assert opt._fused(p, opt.param_groups[0]) == fused, f"fused={fused} must pick the kernel iff asked"
         gen = torch.Generator().manual_seed(1)
         for _ in range(4):
             p.grad = (torch.randn(shape, generator=gen) * 0.01).to(KDEV)
@@ -1260,13 +1277,24 @@ def test_fused_adam_kernel_equals_pytorch_step(m_bits, v_bits, beta1, v_map, sha
             assert compare(f"fused AdamW {name}", got.double(), want.double(), rtol=tol, atol=tol * 1e-3)
 
 
+def test_fused_adam_kernel_only_for_low_bit_block_states():
+    """The fused kernel takes 8/4-bit block-wise moments only: a 16-bit moment, or a per-row one, goes
+    through the PyTorch step even when fused=True."""
+    p = nn.Parameter(torch.zeros(64, 64))
+    for kw, want in [(dict(m_bits=8, v_bits=8), True), (dict(m_bits=8, v_bits=16), False),
+                     (dict(m_bits=32, v_bits=4), False), (dict(m_bits=8, v_bits=8, m_granularity="row"), False)]:
+        opt = QAdamW([p], min_size=1, fused=True, **kw)
+        assert opt._fused(p, opt.param_groups[0]) == want, f"{kw}: the fused kernel {'must' if want else 'must not'} run"
+
+
 def test_make_optimizer_hands_fp32_states_to_torch_adamw(tmp_path):
     """32-bit moments: torch.optim.AdamW itself (fused on a GPU), with the weight-decay groups."""
     model = qgpt.GPT(tiny_cfg(tmp_path), vocab_size=40)
     opt = qgpt.make_optimizer(model, tiny_cfg(tmp_path))
     assert type(opt) is torch.optim.AdamW, f"32-bit states must use torch.optim.AdamW, got {type(opt)}"
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0], "decay on 2-D weights only"
-    assert all(p.dim() >= 2 for p in opt.param_groups[0]["params"])
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert decayed == {id(p) for p in model.parameters() if p.dim() == 2}, "decay on every 2-D weight, nothing else"
     assert type(qgpt.make_optimizer(model, tiny_cfg(tmp_path, m_bits=8))) is QAdamW
     assert qgpt.state_bytes(opt) == {"m": 4 * sum(p.numel() for p in model.parameters()),
                                      "v": 4 * sum(p.numel() for p in model.parameters())}
@@ -1532,6 +1560,8 @@ def test_kernel_budget_int8_linear_at_most_7():
         qgpt.quantize_model(holder, cfg, kernels.TritonBackend)
         return holder[0]
     count, names = bench.linear_step_kernels(make, 40, 24, 16, torch.device(KDEV))
+    if KDEV == "cpu":  # the design, counted: 5 Triton launches and the bias gradient's sum
+        assert count == 6 and sum(n.startswith("aten::") for n in names) == 1, f"{count} kernels: {names}"
     cfg = qgpt.dataclasses.replace(cfg, fuse_quantizers=True)  # eager: the flag changes nothing
     assert bench.linear_step_kernels(make, 40, 24, 16, torch.device(KDEV))[1] == names, \
         "--fuse_quantizers must act under torch.compile only"
@@ -1623,6 +1653,18 @@ def test_linear_backward_int8_equals_reference(token_group, g_size, dtype):
     err = (db.double() - want_db).abs().max().item()
     # fp32 accumulation of 40 terms: 1e-6 of the sum's scale; a sum kept in bf16 is 100 times off
     assert err <= 1e-6 * want_db.abs().max().item(), f"db must be G summed over tokens in fp32: max |diff| {err:.3g}"
+
+
+def test_int8_weight_codes_take_the_activation_floor():
+    """W's codes take the weights' floor (1e-5), not the gradients' (1e-9): an all-tiny row of W
+    gets scale 1e-5 / 127, in both its row and its column quantization."""
+    w = torch.randn(16, 24) * 0.02
+    w[3] = 1e-7
+    w[:, 5] = 1e-7
+    rows, cols = qgpt.make_recipe(Config(**qgpt.PRESETS["int8"])).weight_codes(w)
+    floor = (torch.tensor(1e-5) / 127).item()
+    assert rows[1][3].item() == floor, f"row 3 of W (all 1e-7): scale {rows[1][3].item():.4g}, expected 1e-5 / 127"
+    assert cols[1][0, 5].item() == floor, f"column 5 of W (all 1e-7): scale {cols[1][0, 5].item():.4g}, expected 1e-5 / 127"
 
 
 def test_linear_backward_int8_one_token_group_is_per_column():

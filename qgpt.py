@@ -308,9 +308,8 @@ class PaperLinear(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class Int8Recipe:
-    """Real int8: W, X and G in int8 codes in all three matmuls, every scale along a dimension its
-    matmul does NOT sum over, so the scales factor out of the integer sum and an int8 kernel
-    (kernels.py) computes this exactly:
+    """W, X and G in int8 in all three matmuls, every scale along a dimension its matmul does NOT
+    sum over, so the scales factor out of the integer sum and int8 kernels compute it exactly:
       forward  Y  = X W^T : X per row (token m),       W per row (output channel n); sums over K
       backward dX = G W   : G per row (token m),       W per column (input feature k); sums over N
                dW = G^T X : G per column (channel n),  X per column (feature k);       sums over M
@@ -329,10 +328,6 @@ class Int8Recipe:
     token_group: int
     fuse_quantizers: bool
     backend: type = kernels.ReferenceBackend
-
-    def __post_init__(self):
-        if max(self.wbits, self.abits, self.gbits) > 8:
-            raise ValueError(f"the int8 recipe needs W, X and G at 8 bits or fewer: {self}")
 
     def operand_quantizers(self):  # diagnostics: their rows (the other axes err alike)
         return {"W": (self.wbits, "row", ACT_FLOOR), "X": (self.abits, "row", ACT_FLOOR),
@@ -565,13 +560,9 @@ def unpack_4bit(packed, numel):
 
 
 def round_stochastic_bf16(x, generator):
-    """fp32 -> bf16 rounded up with probability equal to the dropped fraction (stochastic rounding).
-
-    Round-to-nearest keeps bf16's 8 significant bits and absorbs any change below half a step: a
-    second moment decaying by beta2 = 0.999 per step would never decay. Stochastic rounding is
-    unbiased, so small updates accumulate in expectation: add 16 random bits below the 16 that
-    bf16 keeps, then truncate.
-    """
+    """fp32 -> bf16 rounded up with probability equal to the dropped fraction (stochastic rounding):
+    round-to-nearest absorbs any change below half of bf16's step, so a v decaying by beta2 = 0.999
+    would never decay; this is unbiased. Add 16 random bits below the 16 bf16 keeps, truncate."""
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device,
                           generator=generator)
     bits = (x.float().contiguous().view(torch.int32) + noise) & -(1 << 16)
@@ -701,7 +692,7 @@ class QAdamW(torch.optim.Optimizer):
     def _encode(self, x, bits, signed, group):
         if bits == 32:  # the decoded tensor itself, updated in place
             return {"value": x}
-        if bits == 16:
+        if bits == 16:  # bf16, rounded stochastically
             return {"value": round_stochastic_bf16(x, self._generator(x.device))}
         granularity = group["m_granularity"] if signed else group["v_granularity"]
         if granularity == "row" and x.dim() != 2:

@@ -600,8 +600,8 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
       'linear':   level c means c * scale, scale = max / (2^b - 1); 0 is a level (the paper's map:
                   small v round to 0 and m / (sqrt(0) + eps) explodes);
       'zerofree': level c means (c + 1) * scale, scale = max / 2^b; the smallest level is one step;
-      'sqrt':     as 'zerofree' on u = sqrt(v) (scale is the step in the sqrt domain; decoding
-                  squares), which also halves the dynamic range.
+      'sqrt':     as 'zerofree' on u = sqrt_rn(v), correctly rounded (scale is the step in the
+                  sqrt domain; decoding squares), which also halves the dynamic range.
     The max (of v, or of sqrt(v)) is floored at 1e-30 before the division.
     """
     rows = _state_rows(x.float(), granularity, block_size)

@@ -652,6 +652,33 @@ def test_adam_state_floors_and_zero_free_levels():
     assert v_hat.tolist() == [16.0, 0.0625, 1.0, 4.0], f"((code + 1) * step)^2; got {v_hat.tolist()}"
 
 
+def test_adam_state_exact_layout_floor_and_sqrt():
+    """What the fused AdamW kernel reads: a signed code is stored with the offset 2^(b-1) (an offset
+    of 127 would round-trip too, and disagree with the kernel); v's max is floored at 1e-30, not
+    higher (v is g^2: 1e-20 is a real second moment); the sqrt map's square root is correctly
+    rounded (torch's CPU sqrt is 1 ulp off for this c; numpy's float32 sqrt is exact)."""
+    m = torch.tensor([-127.0, 0.0, 127.0, 64.0])  # 8 bits: scale 1, codes -127, 0, 127, 64
+    got = qgpt.encode_state(m, 8, True, "tensor")["codes"].tolist()
+    assert got == [1, 128, 255, 192], f"8-bit m codes + 128: expected [1, 128, 255, 192], got {got}"
+    m = torch.tensor([-7.0, 0.0, 7.0, 4.0])  # 4 bits: scale 1, codes -7, 0, 7, 4
+    got = qgpt.encode_state(m, 4, True, "tensor")["codes"].tolist()
+    assert got == [1 | 8 << 4, 15 | 12 << 4], \
+        f"4-bit m codes + 8, element 2j low: expected [{1 | 8 << 4}, {15 | 12 << 4}], got {got}"
+    for v_map, levels in (("linear", 255), ("zerofree", 256), ("sqrt", 256)):
+        scale = qgpt.encode_state(torch.zeros(8), 8, False, "tensor", v_map=v_map)["scale"].item()
+        expected = float(np.float32(1e-30) / np.float32(levels))
+        assert scale == expected, f"all-zero v ({v_map}): scale {expected} expected, got {scale}"
+    tiny = qgpt.encode_state(torch.full((8,), 1e-20), 8, False, "tensor", v_map="linear")
+    expected = float(np.float32(1e-20) / np.float32(255))
+    assert tiny["scale"].item() == expected, \
+        f"v = 1e-20: scale max / 255 = {expected} expected (floor 1e-30), got {tiny['scale'].item()}"
+    c = np.float32(0.5049309134483337)
+    scale = qgpt.encode_state(torch.full((8,), float(c)), 8, False, "tensor", v_map="sqrt")["scale"]
+    expected = float(np.sqrt(c) / np.float32(256))
+    assert scale.item() == expected, \
+        f"sqrt map of {c}: scale sqrt(c) / 256 = {expected!r} expected, got {scale.item()!r}"
+
+
 def test_adam_state_linear_map_zero_point_problem():
     v = torch.tensor([1.0] + [1e-6] * 255)
     v_hat = qgpt.decode_state(qgpt.encode_state(v, 8, False, "tensor", v_map="linear"), v.shape, 8, False)

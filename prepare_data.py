@@ -233,8 +233,9 @@ def main(argv=None):
                            "docstring).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2",
                         help="GPT-2 BPE or characters")
-    parser.add_argument("--input", help="a UTF-8 text file or a folder of .txt/.md files "
-                        "(default: Shakespeare)")
+    parser.add_argument("--input", help="a UTF-8 text file or a folder of .txt/.md files; it "
+                        "makes out_dir/<its name>[_char] (qgpt.py --dataset <that>); none: "
+                        "the --dataset corpus")
     parser.add_argument("--dataset", choices=["shakespeare", "openwebtext"], default="shakespeare",
                         help="built-in corpus when --input is not given")
     parser.add_argument("--max_docs", type=int, default=None,

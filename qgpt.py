@@ -1139,7 +1139,7 @@ def check_int8_flags(cfg):
                         f"{', '.join(odd) or '--a_asymmetric'} needs --recipe paper")
     wide = [f"--{k} {getattr(cfg, k)}" for k in ("wbits", "abits", "gbits") if getattr(cfg, k) > 8]
     if wide:
-        raise UserError(f"the int8 recipe quantizes W, X and G in all three matmuls; "
+        raise UserError(f"the int8 recipe quantizes W, X and G to 2..8 bits (--preset int8: 8); "
                         f"{', '.join(wide)} (a float operand) needs --recipe paper")
     g, low = cfg.token_group, kernels.MIN_K_GROUP
     if g and (g & (g - 1) or not low <= g <= kernels.MAX_K):
@@ -1184,10 +1184,12 @@ def make_out_dir(cfg):
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the output folder {cfg.out_dir} ({e.strerror}): choose "
-                        f"another --out_dir")
+        raise UserError(f"cannot create {cfg.out_dir} ({e.strerror}): choose another --out_dir")
     if not os.access(cfg.out_dir, os.W_OK):
         raise UserError(f"output folder {cfg.out_dir} is not writable: choose another --out_dir")
+    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.init_from == "scratch" and cfg.max_iters and os.path.exists(ckpt):
+        print(f"note: this run replaces {ckpt} (another --out_dir keeps it)")
 
 
 def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta):

@@ -421,8 +421,10 @@ def main(argv=None):
     if not rows:
         return 0
     first = rows[0]
+    print("busy ms: the profiled ops' own time (a GPU's kernels; the gap to ms/step is host time)"
+          + ("; on a CPU, speeds vary by a third between runs" if device.type == "cpu" else ""))
     print(f"{'configuration':20s} {'kernels':>7s} {'tokens/s':>10s} {'ms/step':>8s} "
-          f"{'GPU ms':>7s} {'MFU':>5s} {'peak MiB':>8s} {'loss':>7s} | {'speed':>6s} "
+          f"{'busy ms':>7s} {'MFU':>5s} {'peak MiB':>8s} {'loss':>7s} | {'speed':>6s} "
           f"{'memory':>6s} {'loss':>6s}  (kernels: one Linear's micro-step; ratios to the first row)")
 
     def text(value, fmt, width):

@@ -1560,12 +1560,13 @@ def test_kernel_quantize_columns_equals_qgpt_quantize(M, K, token_group, dtype, 
 
 
 @needs_triton
-@pytest.mark.parametrize("K,k_group", [(70, 32), (200, 64), (80, 32), (256, 64), (300, 64), (16, 0)])
+@pytest.mark.parametrize("K,k_group", [(70, 32), (208, 64), (80, 32), (256, 64), (300, 64), (16, 0)])
 def test_kernel_matmul_token_groups_exact(K, k_group):
     """int8_matmul with K in groups of k_group (the last one shorter), one scale pair per group:
     the same fp32 operations in the same order as int8_matmul_reference, so the same bits, on the
-    pointer kernel (any strides: B column-major) and the TMA kernel; K = 200 and 256 in groups of 64
-    walk two blocks of 32 per group under the interpreter."""
+    pointer kernel (any strides: B column-major) and the TMA kernel (rows of 16-byte multiples);
+    K = 208 and 256 in groups of 64 walk two blocks of 32 per group under the interpreter, and
+    208's last group ends inside a group's first block: only the end of K closes it."""
     gen = torch.Generator().manual_seed(K + k_group)
     M, N = 33, 40
     J = -(-K // (k_group or K))

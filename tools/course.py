@@ -7,7 +7,7 @@ tools/course.py: qgpt for a course. Blank the seams a student implements; check 
 
 A seam is a function under a `# SEAM: <name>` comment (qgpt.py, kernels.py). Blanking replaces its
 body, not its docstring (the contract), with `raise NotImplementedError`. Every test that grades a
-seam has the seam's name in its own name, so `pytest -k <name>` selects exactly those.
+seam has the seam's name in its own name, so `pytest -k <name>` selects exactly those (and test_course_blanking_raises[<name>]).
 """
 
 import argparse
@@ -90,7 +90,7 @@ def check_seams():
                          if line.startswith("FAILED")})
         graded = [t for t in failed if seam in t]
         others = [t for t in failed if seam not in t]
-        print(f"{seam:18s} {len(graded):3d} of its own tests fail; {len(others)} others fail: {', '.join(others)}")
+        print(f"{seam:24s} {len(graded):3d} of its own tests fail; {len(others)} others fail: {', '.join(others)}")
         all_ok &= bool(graded)
     return 0 if all_ok else 1
 

@@ -363,21 +363,20 @@ class Int8Linear(torch.autograd.Function):
                                                       columns=needs_dw)
         w_rows, w_cols = w_codes
         ctx.recipe, ctx.has_bias, ctx.dtypes = r, bias is not None, (x.dtype, weight.dtype)
-        if needs_dw:
-            ctx.save_for_backward(*x_cols, *w_cols)  # int8 codes and their scales: no float X
+        ctx.save_for_backward(*(x_cols or (None, None)), *w_cols)  # int8 codes: no float X
         return r.matmul(x_rows, w_rows, bias, compute_dtype(x))
 
     @staticmethod
     # SEAM: linear_backward
-    def backward(ctx, grad_out):
+    def backward(ctx, g):
         """dX and dW of Int8Recipe from int8 codes whose scales lie off each matmul's summed axis.
 
-        Saved: X^T's codes (K, M) and scales (J, K), per input feature k and group of
-        r.token_group tokens; W^T's codes (K, N) and scales (1, K), per input feature. ctx.recipe
-        (r), ctx.has_bias, ctx.dtypes = (X's dtype, W's dtype). grad_out: G (M, N).
-          G's codes, one call: r.quantizers().quantize_dual(G, r.gbits, GRAD_FLOOR (1e-9: never
-            the activation floor), r.token_group): rows (M, N) with scales (M, 1), per token, and
-            G^T's codes (N, M) with scales (J, N), per output channel and token group.
+        Saved: X^T's codes (K, M), scales (J, K) per input feature k and token group (None if W
+        needs no gradient: then dW is None and G^T is not quantized); W^T's codes (K, N), scales
+        (1, K) per input feature. ctx.recipe (r), ctx.has_bias, ctx.dtypes = (X's, W's dtype).
+          G = g (M, N); its codes in one call, r.quantizers().quantize_dual(G, r.gbits, GRAD_FLOOR
+            (1e-9, never the activation floor), r.token_group, columns=dW needed): rows (M, N),
+            scales (M, 1) per token; G^T's codes (N, M), scales (J, N) per channel and token group.
           dX = r.matmul(G's rows, W^T's codes, None, X's dtype): sums over N    (M, K)
           dW = r.matmul(G^T's codes, X^T's codes, None, W's dtype, r.token_group): sums over the
                M tokens, group by group                                         (N, K)
@@ -388,11 +387,12 @@ class Int8Linear(torch.autograd.Function):
         r = ctx.recipe
         x_dtype, w_dtype = ctx.dtypes
         xt_codes, xt_scale, wt_codes, wt_scale = ctx.saved_tensors
-        g = grad_out  # G (M, N)
-        g_rows, g_cols = r.quantizers().quantize_dual(g, r.gbits, GRAD_FLOOR, r.token_group)
+        g_rows, g_cols = r.quantizers().quantize_dual(g, r.gbits, GRAD_FLOOR, r.token_group,
+                                                      columns=xt_codes is not None)
         grad_b = g.sum(0, dtype=torch.float32).to(w_dtype) if ctx.has_bias else None
         grad_x = r.matmul(g_rows, (wt_codes, wt_scale), None, x_dtype)  # G per token, W per k
-        grad_w = r.matmul(g_cols, (xt_codes, xt_scale), None, w_dtype, r.token_group)
+        grad_w = None if g_cols is None else r.matmul(g_cols, (xt_codes, xt_scale), None, w_dtype,
+                                                      r.token_group)
         return grad_x, grad_w, grad_b, None, None, None
 
 

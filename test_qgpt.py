@@ -1709,6 +1709,20 @@ def test_int8_weight_codes_take_the_activation_floor():
     assert cols[1][0, 5].item() == floor, f"column 5 of W (all 1e-7): scale {cols[1][0, 5].item():.4g}, expected 1e-5 / 127"
 
 
+def test_linear_backward_int8_frozen_weight_still_gives_dx():
+    """A frozen W (requires_grad False) still passes dX and db to X and the bias: the same bits as
+    with W trainable, and no dW (nor X^T codes to make it from)."""
+    _, trained = _linear_pair(Config(**qgpt.PRESETS["int8"]))
+    _, frozen = _linear_pair(Config(**qgpt.PRESETS["int8"]))
+    frozen.weight.requires_grad_(False)
+    x, g = torch.randn(10, 24), torch.randn(10, 16)
+    want, got = _grads(trained, x, g), _grads(frozen, x, g)
+    assert got[2] is None, "a frozen W gets no gradient"
+    for name, a, b in [("output", got[0], want[0]), ("dX", got[1], want[1]), ("db", got[3], want[3])]:
+        problem = _difference(a, b, name)
+        assert not problem, f"frozen W: {problem} (expected: the trainable W's)"
+
+
 def test_linear_backward_int8_one_token_group_is_per_column():
     """token_group 0 and any token_group >= the tokens give the same bits (one group: plain per-column
     scales); a smaller group changes dW (and only dW)."""

@@ -35,6 +35,7 @@ that share its scales.
 import math
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -303,6 +304,13 @@ if triton is not None:
                                       cols, M, K, stride_xm, stride_xk, qmax, absmax_floor,
                                       BLOCK_M)
 
+    @triton.jit
+    def _promote(out, acc, a_scale_ptr, b_scale_ptr, j, M, N, offs_m, offs_n):
+        """out + fp32(acc) * a_scale[j, offs_m][:, None] * b_scale[j, offs_n][None, :]."""
+        a_scale = tl.load(a_scale_ptr + j * M + offs_m, mask=offs_m < M, other=0.0)
+        b_scale = tl.load(b_scale_ptr + j * N + offs_n, mask=offs_n < N, other=0.0)
+        return out + acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+
     # SEAM: kernel_matmul
     @triton.jit
     def int8_matmul_kernel(
@@ -310,19 +318,22 @@ if triton is not None:
             M, N, K, k_group,  # sizes; K is summed in groups of k_group (a multiple of BLOCK_K)
             stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,  # strides
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            GROUP_M: tl.constexpr, DEQUANT: tl.constexpr, HAS_BIAS: tl.constexpr):
+            GROUP_M: tl.constexpr, DEQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+            K_GROUPS: tl.constexpr):
         """One (BLOCK_M, BLOCK_N) tile of C = A @ B for int8 A (M, K), B (K, N), any strides.
 
         Tile order: program pid takes tile (pid_m, pid_n) in groups of GROUP_M tile-rows (they
         share B's columns in L2). K is walked in blocks of BLOCK_K (mask k < K, m < M, n < N;
         masked codes are 0), the products summed in an int32 accumulator (tl.dot with out_dtype
-        int32: exact). With DEQUANT, at the end of each group of k_group (the block that ends
-        at a multiple of k_group, or at K), the group's sum is promoted and the accumulator
-        restarts: out += fp32(sum) * a_scale[j, m] * b_scale[j, n] (fp32, in that order; j = the
-        group's index; a_scale (J, M) at a_scale_ptr + j * M + m, b_scale (J, N) at
-        b_scale_ptr + j * N + n). After the last: + bias[n] (HAS_BIAS), cast to C's dtype, stored
-        at c_ptr + m * stride_cm + n * stride_cn. Without DEQUANT (one group only) the int32 sums
-        are stored as they are. One loop over K: the pipeline never drains between groups.
+        int32: exact). With DEQUANT each K-group's sum is promoted to fp32 with its own scales:
+        out += fp32(sum) * a_scale[j, m] * b_scale[j, n] (fp32, in that order, out starting at 0;
+        j = the group's index; a_scale (J, M) at a_scale_ptr + j * M + m, b_scale (J, N) at
+        b_scale_ptr + j * N + n). K_GROUPS (several groups of k_group): at the end of each group
+        (the block that ends at a multiple of k_group, or at K), in the K loop, and the
+        accumulator restarts; one group (not K_GROUPS): once, after the loop, with j = 0, so that
+        the loop keeps one tile in registers. Then + bias[n] (HAS_BIAS), cast to C's dtype,
+        stored at c_ptr + m * stride_cm + n * stride_cn. Without DEQUANT (one group only) the
+        int32 sums are stored as they are.
         """
         pid = tl.program_id(0)
         num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -335,7 +346,7 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         mask_m, mask_n = offs_m < M, offs_n < N
-        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # (dead code unless K_GROUPS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # int32: exact for a group <= MAX_K
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
@@ -344,15 +355,15 @@ if triton is not None:
             b = tl.load(b_ptr + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                         mask=(ks[:, None] < K) & mask_n[None, :], other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # on tensor cores
-            if DEQUANT:
+            if K_GROUPS:
                 if ((k0 + BLOCK_K) % k_group == 0) | (k0 + BLOCK_K >= K):  # a group ends here
-                    j = k0 // k_group
-                    a_scale = tl.load(a_scale_ptr + j * M + offs_m, mask=mask_m, other=0.0)
-                    b_scale = tl.load(b_scale_ptr + j * N + offs_n, mask=mask_n, other=0.0)
-                    out += acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+                    out = _promote(out, acc, a_scale_ptr, b_scale_ptr, k0 // k_group, M, N,
+                                   offs_m, offs_n)
                     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         if DEQUANT:
+            if not K_GROUPS:
+                out = _promote(out, acc, a_scale_ptr, b_scale_ptr, 0, M, N, offs_m, offs_n)
             if HAS_BIAS:
                 out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -366,13 +377,15 @@ if triton is not None:
             stride_am, stride_btn, stride_cm,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, DEQUANT: tl.constexpr,
-            HAS_BIAS: tl.constexpr):
+            HAS_BIAS: tl.constexpr, K_GROUPS: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
         # int8_matmul_kernel's math for K-major A and B^T, persistent: one program per SM walks the
         # tiles tile, tile + NUM_SMS, ...; tensor descriptors let the copy engine (TMA) move whole
-        # tiles and zero-fill past the edges, so no masks.
+        # tiles and zero-fill past the edges, so no masks. The tile leaves in EPILOGUE_SPLIT
+        # column halves (1 or 2): the store's staging buffer in shared memory is that much smaller.
         a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
         bt_desc = tl.make_tensor_descriptor(bt_ptr, [N, K], [stride_btn, 1], [BLOCK_N, BLOCK_K])
-        c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
+        c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1],
+                                           [BLOCK_M, BLOCK_N // EPILOGUE_SPLIT])
         num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         num_pid_in_group = GROUP_M * num_pid_n
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
@@ -388,20 +401,34 @@ if triton is not None:
                 a = a_desc.load([pid_m * BLOCK_M, k0])
                 bt = bt_desc.load([pid_n * BLOCK_N, k0])
                 acc = tl.dot(a, bt.T, acc, out_dtype=tl.int32)
-                if DEQUANT:
+                if K_GROUPS:
                     if ((k0 + BLOCK_K) % k_group == 0) | (k0 + BLOCK_K >= K):  # a group ends here
-                        j = k0 // k_group
-                        a_scale = tl.load(a_scale_ptr + j * M + offs_m, mask=offs_m < M, other=0.0)
-                        b_scale = tl.load(b_scale_ptr + j * N + offs_n, mask=offs_n < N, other=0.0)
-                        out += acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+                        out = _promote(out, acc, a_scale_ptr, b_scale_ptr, k0 // k_group, M, N,
+                                       offs_m, offs_n)
                         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             if DEQUANT:
+                if not K_GROUPS:
+                    out = _promote(out, acc, a_scale_ptr, b_scale_ptr, 0, M, N, offs_m, offs_n)
                 if HAS_BIAS:
                     bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
                     out += bias.to(tl.float32)[None, :]
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c_ptr.dtype.element_ty))
+                _store_tile(c_desc, out.to(c_ptr.dtype.element_ty), pid_m * BLOCK_M,
+                            pid_n * BLOCK_N, BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)
             else:
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc)
+                _store_tile(c_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_M, BLOCK_N,
+                            EPILOGUE_SPLIT)
+
+    @triton.jit
+    def _store_tile(c_desc, tile, row, col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SPLIT: tl.constexpr):
+        """Store a (BLOCK_M, BLOCK_N) tile at (row, col) through a descriptor of SPLIT-th blocks."""
+        if SPLIT == 1:
+            c_desc.store([row, col], tile)
+        else:  # (BLOCK_M, BLOCK_N) -> its left and right halves
+            left, right = tl.split(tl.permute(tl.reshape(tile, (BLOCK_M, 2, BLOCK_N // 2)),
+                                              (0, 2, 1)))
+            c_desc.store([row, col], left)
+            c_desc.store([row, col + BLOCK_N // 2], right)
 
     @triton.jit
     def _decode_moment(codes_ptr, scale_ptr, rows, cols, row_mask, BITS: tl.constexpr,
@@ -487,7 +514,59 @@ if triton is not None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers: check inputs, allocate, launch. Block sizes are fixed, by shape: no autotuning.
+# Launch plans and launchers. A plan function checks a launch's inputs, allocates its outputs (on
+# their device: nothing on the meta device) and picks everything the launch needs, from the
+# shapes, dtypes and strides and from the GPU: kernel, block sizes, stages, warps, grid, compile
+# options. It returns (outputs, Launch); the launcher runs the Launch and picks nothing itself.
+# `python -m tools.gate` calls the same plan functions with meta tensors and a GPU of GPUS and
+# compiles each Launch for that GPU, with no GPU: so a plan is known to fit before a GPU runs it.
+
+class GPU(NamedTuple):
+    """What a plan needs to know of a GPU."""
+    name: str  # its table: sm90 (Hopper and later), sm80 (A100) or sm89 (smaller Ampere, Ada)
+    capability: tuple  # (major, minor)
+    shared_memory: int  # bytes of shared memory one block may ask for (the opt-in limit)
+    sms: int  # streaming multiprocessors: the persistent kernel runs one program on each
+
+
+GPUS = {  # the architectures the tables cover and the compile gate checks
+    "sm90": GPU("sm90", (9, 0), 232448, 132),  # H100, H200
+    "sm80": GPU("sm80", (8, 0), 166912, 108),  # A100
+    "sm89": GPU("sm89", (8, 9), 101376, 128),  # RTX 40xx, L4, L40; RTX 30xx and A10 (sm86) alike
+}
+_GPU_OF = {}
+
+
+def gpu_of(device):
+    """The GPU of a CUDA device, with its own limits; None elsewhere (the interpreter's plans)."""
+    if device.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _GPU_OF:
+        props = torch.cuda.get_device_properties(index)
+        capability = (props.major, props.minor)
+        name = "sm90" if capability >= (9, 0) else "sm80" if capability == (8, 0) else "sm89"
+        shared = getattr(props, "shared_memory_per_block_optin", GPUS[name].shared_memory)
+        _GPU_OF[index] = GPU(name, capability, shared, props.multi_processor_count)
+    return _GPU_OF[index]
+
+
+class Launch(NamedTuple):
+    """One launch: kernel[grid](*args, **meta); meta holds the constexprs and compile options."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    meta: dict
+
+    def __call__(self):
+        return self.kernel[self.grid](*self.args, **self.meta)
+
+
+# Compile options of every GPU launch. No multiply-add is contracted into an fma behind our back:
+# the epilogues and the AdamW update then round exactly as their PyTorch references (explicit
+# tl.fma calls stay fused).
+EXACT = dict(enable_fp_fusion=False)
+
 
 def _check_launchable(*tensors):
     if triton is None:
@@ -498,24 +577,21 @@ def _check_launchable(*tensors):
 
 
 # quantize_dual: ROW_ELEMENTS per row tile (BLOCK_K columns x ROW_TILE rows), column tiles of
-# BLOCK_N columns read BLOCK_M rows at a time. The interpreter's are smaller than most test shapes,
-# so that the tests run the multi-pass and ragged paths.
+# BLOCK_N columns read BLOCK_M rows at a time: 32 fp32 values a thread at 8 warps, no shared
+# memory beyond the reductions', on every GPU. The interpreter's are smaller than most test
+# shapes, so that the tests run the multi-pass and ragged paths.
 QUANTIZE_BLOCKS = {
     "gpu": dict(BLOCK_K=4096, ROW_ELEMENTS=8192, BLOCK_M=64, BLOCK_N=128, warps=8),
     "interpreter": dict(BLOCK_K=64, ROW_ELEMENTS=1024, BLOCK_M=16, BLOCK_N=32, warps=4)}
 
 
-def quantize_dual(x, bits=8, absmax_floor=1e-5, token_group=0, rows=True, columns=True):
-    """Triton: quantize_dual_reference's (rows, columns) of x (M, K), any strides, one launch.
-
-    The schedule: J = ceil(M / token_group) groups; block s of programs holds the row tiles of
-    group s and the column tiles of group s - 1, so each group's column tiles run just after its
-    row tiles and read it again from L2, not from memory.
-    """
+def quantize_dual_plan(x, bits=8, absmax_floor=1e-5, token_group=0, rows=True, columns=True,
+                       gpu=None):
+    """quantize_dual's outputs, allocated, and its Launch (None for an empty x) on `gpu`."""
     _check_launchable(x)
     M, K = x.shape
     group, n_groups = token_groups(M, token_group)
-    blocks = QUANTIZE_BLOCKS["gpu" if x.is_cuda else "interpreter"]
+    blocks = QUANTIZE_BLOCKS["interpreter" if gpu is None else "gpu"]
     block_k = min(triton.next_power_of_2(max(K, 1)), blocks["BLOCK_K"])
     row_tile = max(1, blocks["ROW_ELEMENTS"] // block_k)
     row_items = triton.cdiv(group, row_tile) if rows else 0
@@ -527,15 +603,31 @@ def quantize_dual(x, bits=8, absmax_floor=1e-5, token_group=0, rows=True, column
     row_codes, row_scale = empty((M, K), torch.int8, rows), empty((M, 1), torch.float32, rows)
     colt_codes = empty((K, M), torch.int8, columns)
     col_scale = empty((n_groups, K), torch.float32, columns)
-    if M * K:
-        grid = ((n_groups + lag) * (row_items + col_items),)
-        quantize_dual_kernel[grid](
-            x, row_codes, row_scale, colt_codes, col_scale, M, K, x.stride(0),
-            x.stride(1), group, n_groups, row_items, col_items, lag, float(2 ** (bits - 1) - 1),
-            absmax_floor, ROW_TILE=row_tile, BLOCK_K=block_k, SINGLE_PASS=block_k >= K,
-            BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], ROWS=rows, COLUMNS=columns,
-            num_warps=blocks["warps"])
-    return (row_codes, row_scale) if rows else None, (colt_codes, col_scale) if columns else None
+    outputs = ((row_codes, row_scale) if rows else None,
+               (colt_codes, col_scale) if columns else None)
+    if M * K == 0:
+        return outputs, None
+    args = (x, row_codes, row_scale, colt_codes, col_scale, M, K, x.stride(0), x.stride(1), group,
+            n_groups, row_items, col_items, lag, float(2 ** (bits - 1) - 1), absmax_floor)
+    meta = dict(ROW_TILE=row_tile, BLOCK_K=block_k, SINGLE_PASS=block_k >= K,
+                BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], ROWS=rows, COLUMNS=columns,
+                num_warps=blocks["warps"], **({} if gpu is None else EXACT))
+    return outputs, Launch(quantize_dual_kernel, ((n_groups + lag) * (row_items + col_items),),
+                           args, meta)
+
+
+def quantize_dual(x, bits=8, absmax_floor=1e-5, token_group=0, rows=True, columns=True):
+    """Triton: quantize_dual_reference's (rows, columns) of x (M, K), any strides, one launch.
+
+    The schedule: J = ceil(M / token_group) groups; block s of programs holds the row tiles of
+    group s and the column tiles of group s - 1, so each group's column tiles run just after its
+    row tiles and read it again from L2, not from memory.
+    """
+    outputs, launch = quantize_dual_plan(x, bits, absmax_floor, token_group, rows, columns,
+                                         gpu_of(x.device))
+    if launch is not None:
+        launch()
+    return outputs
 
 
 def quantize_rows(x, bits=8, absmax_floor=1e-5):
@@ -543,30 +635,87 @@ def quantize_rows(x, bits=8, absmax_floor=1e-5):
     return quantize_dual(x, bits, absmax_floor, rows=True, columns=False)[0]
 
 
-# (M, N, K) -> (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the fastest of 15
-# configurations at GPT-2 small's shapes on an H100 (run 4, with the kernels' one-group form; the dW
-# shape 3072 x 768 x 16384 was fastest on the pointer kernel). `python kernels.py --tune` measures
-# both kernels at GPT-2 small, medium and XL widths and prints a new table.
-MATMUL_TABLE = {
-    (16384, 2304, 768): ("tma", 128, 128, 256, 3, 8),
-    (16384, 3072, 768): ("tma", 128, 256, 128, 3, 8),
-    (16384, 768, 3072): ("tma", 128, 256, 128, 3, 8),
-    (3072, 768, 16384): ("pointer", 128, 128, 64, 5, 4),
-    (16384, 50304, 768): ("tma", 256, 128, 128, 3, 8),
-    (4096, 3072, 768): ("tma", 128, 128, 128, 5, 4),
-    (8192, 8192, 8192): ("tma", 128, 256, 128, 3, 8),
+# int8_matmul's tiles: (M, N, K) -> (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), a
+# table per architecture. sm90: the fastest of 15 configurations at GPT-2 small's shapes on an
+# H100 (run 4, one K-group; the dW shape 3072 x 768 x 16384 was fastest on the pointer kernel).
+# `python kernels.py --tune` measures the table of the GPU it runs on. Other shapes take the
+# architecture's default tile (small tiles below SMALL_MATMUL). Either way, _fit_tile then makes
+# the tile fit the launch: its output's element size, its K-groups, the GPU's shared memory.
+MATMUL_TABLES = {
+    "sm90": {
+        (16384, 2304, 768): ("tma", 128, 128, 256, 3, 8),
+        (16384, 3072, 768): ("tma", 128, 256, 128, 3, 8),
+        (16384, 768, 3072): ("tma", 128, 256, 128, 3, 8),
+        (3072, 768, 16384): ("pointer", 128, 128, 64, 5, 4),
+        (16384, 50304, 768): ("tma", 256, 128, 128, 3, 8),
+        (4096, 3072, 768): ("tma", 128, 128, 128, 5, 4),
+        (8192, 8192, 8192): ("tma", 128, 256, 128, 3, 8),
+    },
+    "sm80": {},
+    "sm89": {},
+}
+MATMUL_DEFAULT = {  # (large, small)
+    "sm90": (("tma", 128, 256, 128, 3, 8), ("tma", 64, 64, 64, 3, 4)),
+    "sm80": (("pointer", 128, 128, 64, 4, 8), ("pointer", 64, 64, 64, 3, 4)),
+    "sm89": (("pointer", 128, 128, 64, 3, 8), ("pointer", 64, 64, 64, 3, 4)),
 }
 SMALL_MATMUL = 2 ** 28  # M * N * K below this: small tiles
+# Registers, measured by the compile gate: the int32 accumulator's values a thread holds,
+# BLOCK_M x BLOCK_N / (32 x warps), that fit 255 registers beside the pipeline's. Hopper's wgmma
+# reads A and B from shared memory; Ampere's mma.sync holds them in registers too. A K-grouped
+# loop keeps the fp32 sums as well: half as many.
+ACC_PER_THREAD = {"sm90": 128, "sm80": 64, "sm89": 64}
+LOADS_PER_THREAD = 32  # int8 elements of A and B a thread loads a stage where strides are ragged
 
 
-def matmul_config(M, N, K):
-    """MATMUL_TABLE's entry for the shape, else a rule: small tiles for small problems, 128 x 256
-    (N >= 2048) or 128 x 128 tiles of 128 along K, 3 stages, 8 warps."""
-    if (M, N, K) in MATMUL_TABLE:
-        return MATMUL_TABLE[(M, N, K)]
-    if M * N * K < SMALL_MATMUL:
-        return ("tma", 64, 64, 64, 3, 4)
-    return ("tma", 128, 256 if N >= 2048 else 128, 128, 3, 8)
+def matmul_tile(M, N, K, out_dtype, grouped, aligned, gpu):
+    """The tile of one launch: the table's (or the default) entry, fitted: (kernel, BLOCK_M,
+    BLOCK_N, BLOCK_K, stages, warps, EPILOGUE_SPLIT)."""
+    table, (large, small) = MATMUL_TABLES[gpu.name], MATMUL_DEFAULT[gpu.name]
+    entry = table.get((M, N, K), small if M * N * K < SMALL_MATMUL else large)
+    return _fit_tile(*entry, out_dtype.itemsize, grouped, aligned, gpu)
+
+
+def _fit_tile(kernel, bm, bn, bk, stages, warps, out_bytes, grouped, aligned, gpu):
+    """A tile made to fit its launch and GPU, each step measured by the compile gate:
+     1. no TMA below sm90;
+     2. registers: at most ACC_PER_THREAD[gpu] accumulator values a thread (half if K-grouped):
+        more warps (up to 8), then narrower tiles;
+     3. ragged strides (a row stride or address not a multiple of 16 bytes) load element by
+        element, a pointer each: BLOCK_K cut to LOADS_PER_THREAD elements a thread a stage;
+     4. shared memory: a 4-byte output leaves the TMA kernel in two halves; then stages (down to
+        2), then BLOCK_K (down to 32) are cut until matmul_shared_memory fits the GPU."""
+    if gpu.capability < (9, 0):
+        kernel = "pointer"
+    budget = ACC_PER_THREAD[gpu.name] // (2 if grouped else 1)
+    while bm * bn // (32 * warps) > budget:
+        if warps < 8:
+            warps *= 2
+        elif bn >= bm:
+            bn //= 2
+        else:
+            bm //= 2
+    while not aligned and (bm + bn) * bk // (32 * warps) > LOADS_PER_THREAD and bk > 32:
+        bk //= 2
+    split = 2 if kernel == "tma" and out_bytes == 4 else 1
+    while matmul_shared_memory(kernel, bm, bn, bk, stages, out_bytes, split, gpu) > \
+            gpu.shared_memory:
+        if stages > 2:
+            stages -= 1
+        elif bk > 32:
+            bk //= 2
+        else:
+            break  # nothing left to cut: the compile gate reports it
+    return kernel, bm, bn, bk, stages, warps, split
+
+
+def matmul_shared_memory(kernel, bm, bn, bk, stages, out_bytes, split, gpu):
+    """Bytes of shared memory a tile asks for, as the compile gate measures it: A's and B's int8
+    blocks in `stages` buffers (stages - 1 below sm90: the pointer kernel's cp.async pipeline),
+    the TMA kernel's staging buffer for one part of C, and 1 KB of barriers."""
+    buffers = stages if gpu.capability >= (9, 0) else stages - 1
+    epilogue = bm * bn // split * out_bytes if kernel == "tma" else 0
+    return buffers * (bm + bn) * bk + epilogue + 1024
 
 
 def _scratch(size, alignment, stream):
@@ -581,29 +730,10 @@ def _tma_ok(a, b, c):
             and (c.stride(0) * c.element_size()) % 16 == 0)
 
 
-_SMS = {}
-
-
-def _sm_count(device):
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
-
-
-# On a GPU, no multiply-add contracted into an fma behind our back: the epilogues and the AdamW
-# update then round exactly as their PyTorch references (explicit tl.fma calls stay fused).
-EXACT = dict(enable_fp_fusion=False)
-
-
-def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_group=0,
-                use_tma=None):
-    """Triton: int8_matmul_reference's C for A (M, K), B (K, N) int8, any strides; K in groups of
-    k_group (0: one group; more than one: k_group a power of two, at most MAX_K).
-
-    out_dtype=torch.int32 skips the epilogue and returns the raw int32 sums (one group).
-    use_tma=None picks the persistent TMA kernel on a GPU when MATMUL_TABLE says so and A's rows
-    and B's columns are contiguous (K-major), else the pointer kernel; True/False forces one.
-    """
+def int8_matmul_plan(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_group=0,
+                     use_tma=None, gpu=None):
+    """int8_matmul's output, allocated, and its Launch on `gpu` (None: the interpreter's; None
+    as well when there is nothing to launch: the output is then already filled)."""
     _check_launchable(a, b)
     if a.dtype != torch.int8 or b.dtype != torch.int8 or a.shape[1] != b.shape[0]:
         raise ValueError(f"int8_matmul needs int8 A (M, K) and B (K, N), got {a.dtype} "
@@ -620,52 +750,84 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_gr
     a_scale, b_scale = _group_scales(a_scale, n_groups, M), _group_scales(b_scale, n_groups, N)
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M * N == 0:
-        return c
+        return c, None
     if K == 0:
-        return c.zero_() if bias is None else c.copy_(bias.expand(M, N))
+        return (c.zero_() if bias is None else c.copy_(bias.expand(M, N))), None
     bias_arg = a_scale if bias is None else bias.contiguous()  # any pointer without a bias
-    if a.is_cuda:
-        kernel, bm, bn, bk, stages, warps = matmul_config(M, N, K)
-        meta = dict(GROUP_M=8, num_stages=stages, num_warps=warps, **EXACT)
-        if use_tma is None:
-            use_tma = kernel == "tma" and _tma_ok(a, b, c)
-    else:  # the interpreter: small fixed blocks; fewer, longer steps along a long K
-        bm, bn, bk, meta = 32, 32, 32 if K <= 256 else 512, dict(GROUP_M=4)
+    if gpu is None:  # the interpreter: small fixed blocks; fewer, longer steps along a long K
+        kernel, bm, bn, bk = "pointer", 32, 32, 32 if K <= 256 else 512
+        split = 2 if out_dtype.itemsize == 4 else 1  # as on a GPU: the halves are tested too
+        meta, sms = dict(GROUP_M=4), 2  # two "SMs"
+    else:
+        aligned = all(s % 16 == 0 for s in (*a.stride(), *b.stride()) if s != 1) and all(
+            t.data_ptr() % 16 == 0 for t in (a, b))
+        kernel, bm, bn, bk, stages, warps, split = matmul_tile(M, N, K, out_dtype, n_groups > 1,
+                                                               aligned, gpu)
+        meta, sms = dict(GROUP_M=8, num_stages=stages, num_warps=warps, **EXACT), gpu.sms
+        if use_tma and gpu.capability < (9, 0):
+            raise ValueError(f"the TMA kernel needs sm90 or later, not sm{gpu.capability[0]}"
+                             f"{gpu.capability[1]}")
+    if use_tma is None:
+        use_tma = kernel == "tma" and _tma_ok(a, b, c)
     # several groups: BLOCK_K must divide the group (both are powers of two); one: any K
     meta.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, group) if n_groups > 1 else bk,
-                DEQUANT=dequant, HAS_BIAS=bias is not None)
-    tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+                DEQUANT=dequant, HAS_BIAS=bias is not None, K_GROUPS=n_groups > 1)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if use_tma:
-        if a.is_cuda:  # device-side descriptors need scratch memory; the allocator is per thread
-            triton.set_allocator(_scratch)  # (the backward runs in autograd's), so set it each time
-        sms = _sm_count(a.device) if a.is_cuda else 2  # the interpreter: two "SMs"
-        int8_matmul_tma_kernel[(min(sms, tiles),)](
+        return c, Launch(int8_matmul_tma_kernel, (min(sms, tiles),), (
             a, b, c, a_scale, b_scale, bias_arg, M, N, K, group, a.stride(0), b.stride(1),
-            c.stride(0), NUM_SMS=sms, **meta)
-    else:
-        int8_matmul_kernel[(tiles,)](
-            a, b, c, a_scale, b_scale, bias_arg, M, N, K, group, a.stride(0), a.stride(1),
-            b.stride(0), b.stride(1), c.stride(0), c.stride(1), **meta)
+            c.stride(0)), dict(meta, NUM_SMS=sms, EPILOGUE_SPLIT=split))
+    return c, Launch(int8_matmul_kernel, (tiles,), (
+        a, b, c, a_scale, b_scale, bias_arg, M, N, K, group, a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), c.stride(0), c.stride(1)), meta)
+
+
+def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_group=0,
+                use_tma=None):
+    """Triton: int8_matmul_reference's C for A (M, K), B (K, N) int8, any strides; K in groups of
+    k_group (0: one group; more than one: k_group a power of two, at most MAX_K).
+
+    out_dtype=torch.int32 skips the epilogue and returns the raw int32 sums (one group).
+    use_tma=None picks the persistent TMA kernel where the plan's tile says so (sm90 and later)
+    and A's rows and B's columns are contiguous (K-major), else the pointer kernel; True/False
+    forces one.
+    """
+    c, launch = int8_matmul_plan(a, a_scale, b, b_scale, bias, out_dtype, k_group, use_tma,
+                                 gpu_of(a.device))
+    if launch is not None:
+        if a.is_cuda and launch.kernel is int8_matmul_tma_kernel:
+            # device-side descriptors need scratch memory; the allocator is per thread (the
+            # backward runs in autograd's), so set it each time
+            triton.set_allocator(_scratch)
+        launch()
     return c
 
 
 V_MAPS = {"linear": 0, "zerofree": 1, "sqrt": 2}
 
 
+def adamw_lowbit_plan(p, grad, m_state, v_state, m_bits, v_bits, v_map, block_size, step, lr,
+                      beta1, beta2, eps, weight_decay, gpu=None):
+    """The Launch of adamw_lowbit_step on `gpu` (None: the interpreter's)."""
+    _check_launchable(p)
+    n = p.numel()
+    n_blocks = m_state["scale"].shape[0]
+    rows = 4 if gpu is None else 8  # 8 rows of 128 on 8 warps: 4 values a thread, no spills
+    w1 = float(torch.tensor(1 - beta1, dtype=torch.float32))  # the fp32 weight lerp_ compares
+    args = (p, grad, m_state["codes"], m_state["scale"], v_state["codes"], v_state["scale"], n,
+            n_blocks, 1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2,
+            -lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step), eps)
+    meta = dict(M_BITS=m_bits, V_BITS=v_bits, V_MAP=V_MAPS[v_map], SMALL_W1=abs(w1) < 0.5,
+                BLOCK=block_size, ROWS=rows, **({} if gpu is None else dict(num_warps=8, **EXACT)))
+    return Launch(adamw_lowbit_kernel, (triton.cdiv(n_blocks, rows),), args, meta)
+
+
 def adamw_lowbit_step(p, grad, m_state, v_state, m_bits, v_bits, v_map, block_size, step, lr,
                       beta1, beta2, eps, weight_decay):
     """Triton: one AdamW step of p in place, with 8/4-bit block-wise moments {"codes", "scale"}
     updated in place; qgpt.QAdamW's PyTorch step is the reference. block_size: a power of two."""
-    _check_launchable(p)
-    n = p.numel()
-    n_blocks = m_state["scale"].shape[0]
-    rows = 8 if p.is_cuda else 4
-    w1 = float(torch.tensor(1 - beta1, dtype=torch.float32))  # the fp32 weight lerp_ compares
-    adamw_lowbit_kernel[(triton.cdiv(n_blocks, rows),)](
-        p, grad, m_state["codes"], m_state["scale"], v_state["codes"], v_state["scale"], n,
-        n_blocks, 1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, -lr / (1 - beta1 ** step),
-        math.sqrt(1 - beta2 ** step), eps, M_BITS=m_bits, V_BITS=v_bits, V_MAP=V_MAPS[v_map],
-        SMALL_W1=abs(w1) < 0.5, BLOCK=block_size, ROWS=rows, **(EXACT if p.is_cuda else {}))
+    adamw_lowbit_plan(p, grad, m_state, v_state, m_bits, v_bits, v_map, block_size, step, lr,
+                      beta1, beta2, eps, weight_decay, gpu_of(p.device))()
     torch.autograd.graph.increment_version(p)  # p changed behind autograd's back: say so
 
 
@@ -730,40 +892,59 @@ class TritonBackend:
 # ----------------------------------------------------------------------------------------------
 # python kernels.py: the check, then (GPU) the benchmark tables; --tune: the matmul table.
 
-def check(device):
-    """Every kernel against its reference, exact where the math is exact; prints each comparison."""
+CHECK_SHAPES = [(1, 1, 1), (37, 70, 19), (130, 96, 67), (200, 300, 80)]  # (M, K, N)
+CHECK_SHAPES_GPU = [(4096, 768, 3072)]  # on a GPU as well
+
+
+def check_cases(device, gpu=None):
+    """What check() compares: (name, launcher, args, kwargs, reference) for each kernel launch,
+    the reference a function of no arguments. `gpu`: the GPU whose plans run (TMA from sm90)."""
     torch.manual_seed(0)
-    ok = True
-    shapes = [(1, 1, 1), (37, 70, 19), (130, 96, 67), (200, 300, 80)]
-    for M, K, N in shapes + ([(4096, 768, 3072)] if device == "cuda" else []):
+    tma = gpu is None or gpu.capability >= (9, 0)
+    for M, K, N in CHECK_SHAPES + (CHECK_SHAPES_GPU if gpu is not None else []):
         x = torch.randn(M, K, device=device) * torch.rand(M, 1, device=device) * 3
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=device)
         b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device).t()  # K-major B
         a_scale, b_scale = torch.rand(M, device=device), torch.rand(N, device=device)
         shape = f"{M}x{K}x{N}"
         for group in (0, 64):
-            got = quantize_dual(x, token_group=group)
-            want = quantize_dual_reference(x, token_group=group)
-            for part, g, w in [("row codes", got[0][0], want[0][0]), ("row scales", got[0][1],
-                               want[0][1]), ("column codes", got[1][0], want[1][0]),
-                               ("column scales", got[1][1], want[1][1])]:
-                ok &= compare(f"quantize_dual {M}x{K} group {group} {part}", g, w)
-        ok &= compare(f"int8_matmul int32 {shape}", int8_matmul(a, a_scale, b, b_scale,
-                      out_dtype=torch.int32), int8_matmul_reference(a, a_scale, b, b_scale,
-                                                                    out_dtype=torch.int32))
+            yield (f"quantize_dual {M}x{K} group {group}", quantize_dual, (x,),
+                   dict(token_group=group), lambda x=x, g=group: quantize_dual_reference(x, 8, 1e-5, g))
+        matmul = (a, a_scale, b, b_scale)
+        yield (f"int8_matmul int32 {shape}", int8_matmul, matmul, dict(out_dtype=torch.int32),
+               lambda: int8_matmul_reference(*matmul, out_dtype=torch.int32))
         # the epilogue: the same fp32 operations in the same order: exact
-        ok &= compare(f"int8_matmul epilogue {shape}", int8_matmul(a, a_scale, b, b_scale),
-                      int8_matmul_reference(a, a_scale, b, b_scale))
+        yield (f"int8_matmul epilogue {shape}", int8_matmul, matmul, {},
+               lambda: int8_matmul_reference(*matmul))
         if K > 32:  # K in groups of 32, scales per group
-            ga, gb = torch.rand(-(-K // 32), M, device=device), torch.rand(-(-K // 32), N,
-                                                                             device=device)
-            ok &= compare(f"int8_matmul 32-groups {shape}", int8_matmul(a, ga, b, gb, k_group=32),
-                          int8_matmul_reference(a, ga, b, gb, k_group=32))
+            groups = -(-K // 32)
+            grouped = (a, torch.rand(groups, M, device=device), b,
+                       torch.rand(groups, N, device=device))
+            yield (f"int8_matmul 32-groups {shape}", int8_matmul, grouped, dict(k_group=32),
+                   lambda: int8_matmul_reference(*grouped, k_group=32))
         c = torch.empty(M, N, device=device)
-        if _tma_ok(a, b, c) and _tma_ok(a, b, c.int()):  # the TMA kernel, where its layout allows
-            ok &= compare(f"int8_matmul tma epilogue {shape}", int8_matmul(a, a_scale, b, b_scale,
-                          use_tma=True), int8_matmul_reference(a, a_scale, b, b_scale))
+        if tma and _tma_ok(a, b, c) and _tma_ok(a, b, c.int()):  # where its layout allows
+            yield (f"int8_matmul tma epilogue {shape}", int8_matmul, matmul, dict(use_tma=True),
+                   lambda: int8_matmul_reference(*matmul))
+
+
+def check(device):
+    """Every kernel against its reference, exact where the math is exact; prints each comparison."""
+    ok = True
+    gpu = gpu_of(torch.device(device))
+    for name, launcher, args, kwargs, reference in check_cases(device, gpu):
+        got, want = launcher(*args, **kwargs), reference()
+        if launcher is quantize_dual:  # ((row codes, scales), (column codes, scales))
+            parts = ["row codes", "row scales", "column codes", "column scales"]
+            for part, g, w in zip(parts, [*got[0], *got[1]], [*want[0], *want[1]]):
+                ok &= compare(f"{name} {part}", g, w)
+        else:
+            ok &= compare(name, got, want)
     return ok
+
+
+BENCH_SHAPES = [(16384, 768, 2304), (16384, 768, 3072), (16384, 3072, 768), (3072, 16384, 768),
+                (16384, 768, 50304), (8192, 8192, 8192)]  # (M, K, N)
 
 
 def benchmark():
@@ -774,9 +955,7 @@ def benchmark():
           f"X[M,K] @ W[K,N], operands K-major; TFLOP/s (bf16, fp8) or TOP/s (int8), median")
     print(f"{'M':>6} {'K':>6} {'N':>6} | {'bf16':>5} {'_int_mm':>7} {'fp8':>5} {'ptr':>5} "
           f"{'tma':>5} | {'ptr/bf16':>8} {'tma/bf16':>8}")
-    shapes = [(16384, 768, 2304), (16384, 768, 3072), (16384, 3072, 768), (3072, 16384, 768),
-              (16384, 768, 50304), (8192, 8192, 8192)]
-    for M, K, N in shapes:
+    for M, K, N in BENCH_SHAPES:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         wt = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         w = wt.t()  # (K, N), K-major, as a Linear's weight

@@ -224,8 +224,9 @@ def fake_quantize(x, bits, granularity="tensor", symmetric=True, group_size=None
 #   forward Y = X W^T sums over K;  dX = G W sums over N;  dW = G^T X sums over the M tokens.
 
 def compute_dtype(x):
-    """The dtype the matmuls run in: autocast's (bf16 on a GPU), else x's."""
-    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    """The dtype the matmuls run in: autocast's on x's device (bf16 on a GPU), else x's."""
+    on = torch.is_autocast_enabled(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
 
 
 @dataclass(frozen=True)

@@ -951,6 +951,7 @@ def benchmark():
     """Every matmul path at GPT-2 shapes, in one run; then the quantizers' bandwidth."""
     from triton.testing import do_bench
     props = torch.cuda.get_device_properties(0)
+    hopper = gpu_of(torch.device("cuda")).capability >= (9, 0)  # TMA: sm90 and later
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}; Y[M,N] = "
           f"X[M,K] @ W[K,N], operands K-major; TFLOP/s (bf16, fp8) or TOP/s (int8), median")
     print(f"{'M':>6} {'K':>6} {'N':>6} | {'bf16':>5} {'_int_mm':>7} {'fp8':>5} {'ptr':>5} "
@@ -976,7 +977,7 @@ def benchmark():
         t_ptr = rate(lambda: int8_matmul(a, a_scale, b, b_scale, None, torch.bfloat16,
                                          use_tma=False))
         t_tma = rate(lambda: int8_matmul(a, a_scale, b, b_scale, None, torch.bfloat16,
-                                         use_tma=True))
+                                         use_tma=True)) if hopper else float("nan")
         print(f"{M:>6} {K:>6} {N:>6} | {t_bf16:5.0f} {t_int:7.0f} {t_fp8:5.0f} {t_ptr:5.0f} "
               f"{t_tma:5.0f} | {t_ptr / t_bf16:8.2f} {t_tma / t_bf16:8.2f}", flush=True)
     print("quantize_dual: TB/s counts x read once and both codes written once")
@@ -992,45 +993,73 @@ def benchmark():
                   f"{x.numel() * moved / ms / 1e9:5.2f} TB/s", flush=True)
 
 
-def matmul_shapes(widths=(768, 1024, 1600), tokens=16384):
-    """(M, N, K) of the forward, dX and dW matmuls of GPT-2's four Linears at these widths."""
+def matmul_shapes(widths=(768, 1024, 1600), tokens=16384, token_group=1024):
+    """The int8 matmuls of a training step of GPT-2's four Linears at these widths, as training
+    asks for them: (M, N, K, out_dtype, k_group). Forward outputs bf16 (autocast); dX comes out
+    in X's dtype: fp32 where X is LayerNorm's output (c_attn, c_fc), bf16 where it is attention's
+    or GELU's (the two c_proj); dW fp32 (the weights), summed over tokens in token groups.
+    (tools/gate.py records a real step's calls, and a test holds this list to them.)"""
+    bf16, fp32 = torch.bfloat16, torch.float32
     shapes = []
     for d in widths:
-        for n_in, n_out in [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]:
-            shapes += [(tokens, n_out, n_in), (tokens, n_in, n_out), (n_out, n_in, tokens)]
-    return sorted(set(shapes))
+        for n_in, n_out, x_dtype in [(d, 3 * d, fp32), (d, d, bf16), (d, 4 * d, fp32),
+                                     (4 * d, d, bf16)]:
+            shapes += [(tokens, n_out, n_in, bf16, 0), (tokens, n_in, n_out, x_dtype, 0),
+                       (n_out, n_in, tokens, fp32, token_group)]
+    return sorted(set(shapes), key=str)
 
 
-def tune(token_group=1024):
-    """Time both matmul kernels over a grid of block sizes at GPT-2's shapes (dW with K-groups of
-    token_group); print the fastest of each shape as a MATMUL_TABLE to paste above."""
+def tune():
+    """Time both matmul kernels over a grid of tiles at GPT-2's shapes, each shape with the
+    output dtypes and K-groups training asks for (matmul_shapes), summed; print the fastest of
+    each as this GPU's MATMUL_TABLES entry. A tile is timed as the plan fits it (_fit_tile), and
+    only if it compiled without spills and fits this GPU's shared memory: the table never holds
+    an entry the compile gate rejects."""
     from triton.testing import do_bench
+    gpu = gpu_of(torch.device("cuda"))
+    table = MATMUL_TABLES[gpu.name]
     grid = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 128, 4, 8),
             (128, 128, 256, 3, 8), (128, 128, 128, 4, 4), (128, 128, 64, 5, 4),
-            (64, 256, 128, 4, 4), (128, 64, 128, 4, 4)]  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
-    print("MATMUL_TABLE = {")
-    for M, N, K in matmul_shapes():
-        group = token_group if K == 16384 else 0
+            (64, 256, 128, 4, 4), (128, 64, 128, 4, 4), (128, 128, 64, 4, 8)]
+    kinds = ("tma", "pointer") if gpu.capability >= (9, 0) else ("pointer",)
+    by_shape = {}
+    for M, N, K, out_dtype, k_group in matmul_shapes():
+        by_shape.setdefault((M, N, K), []).append((out_dtype, k_group))
+    print(f"MATMUL_TABLES[\"{gpu.name}\"] = {{")
+    for (M, N, K), variants in by_shape.items():
         a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
         b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda").t()
-        J = _k_groups(K, group)[1]
-        sa, sb = torch.rand(J, M, device="cuda"), torch.rand(J, N, device="cuda")
         timed = []
-        for kernel in ("tma", "pointer"):
-            for blocks in grid:
-                MATMUL_TABLE[(M, N, K)] = (kernel, *blocks)
+        for entry in [(kind, *blocks) for kind in kinds for blocks in grid]:
+            table[(M, N, K)] = entry
+            total = 0.0
+            for out_dtype, k_group in variants:
+                J = _k_groups(K, k_group)[1]
+                sa, sb = torch.rand(J, M, device="cuda"), torch.rand(J, N, device="cuda")
+                _, launch = int8_matmul_plan(a, sa, b, sb, None, out_dtype, k_group, None, gpu)
+                triton.set_allocator(_scratch)
                 try:
-                    timed.append((do_bench(lambda: int8_matmul(a, sa, b, sb, None, torch.bfloat16,
-                                                               group, use_tma=kernel == "tma"),
-                                           warmup=5, rep=20), MATMUL_TABLE[(M, N, K)]))
-                except Exception as e:  # e.g. a tile that does not fit this GPU's shared memory
-                    print(f"    # {(M, N, K)} {(kernel, *blocks)}: {type(e).__name__}")
+                    compiled = launch()
+                except Exception as e:  # e.g. out of shared memory on this GPU
+                    print(f"    # {(M, N, K)} {entry}: {type(e).__name__}")
+                    total = math.inf
+                    break
+                if compiled.n_spills or compiled.metadata.shared > gpu.shared_memory:
+                    print(f"    # {(M, N, K)} {entry}: {compiled.n_spills} spills, "
+                          f"{compiled.metadata.shared} B of shared memory")
+                    total = math.inf
+                    break
+                total += do_bench(launch, warmup=5, rep=20)
+            if total < math.inf:
+                timed.append((total, entry))
         if not timed:
             print(f"    # {(M, N, K)}: no configuration ran")
+            table.pop((M, N, K))
             continue
-        ms, best = min(timed, key=lambda t: t[0])
-        MATMUL_TABLE[(M, N, K)] = best
-        print(f"    ({M}, {N}, {K}): {best},  # {2 * M * N * K / ms / 1e9:.0f} TOP/s", flush=True)
+        ms, best = min(timed)
+        table[(M, N, K)] = best
+        print(f"    ({M}, {N}, {K}): {best},  # {len(variants) * 2 * M * N * K / ms / 1e9:.0f} "
+              f"TOP/s over {len(variants)} launches", flush=True)
     print("}")
 
 

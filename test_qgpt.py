@@ -1781,6 +1781,82 @@ def test_evaluate_runs_in_training_precision(char_data, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# Launch plans and the compile gate (tools/gate.py)
+
+def _plan_tile(launch):
+    m = launch.meta
+    return (launch.kernel.__name__, m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_K"], m.get("num_stages"),
+            m.get("num_warps"), m.get("EPILOGUE_SPLIT", 1))
+
+
+@needs_triton
+def test_launch_plans_per_gpu():
+    """The plans a GPU gets: no TMA below sm90 (the pointer kernel, even with K-major operands,
+    and a one-line refusal when TMA is forced); on sm90 c_fc's dX with an fp32 output leaves in
+    two halves; a K-grouped dW holds half the accumulator values a thread; every plan's own
+    estimate of shared memory fits its GPU (the gate compiles and measures them)."""
+    def meta_codes(rows, cols):
+        return torch.empty(rows, cols, dtype=torch.int8, device="meta")
+    for name, gpu in kernels.GPUS.items():
+        for M, N, K, out_dtype, k_group in kernels.matmul_shapes():
+            a, b = meta_codes(M, K), meta_codes(N, K).t()
+            J = kernels._k_groups(K, k_group)[1]
+            sa, sb = torch.empty(J, M, device="meta"), torch.empty(J, N, device="meta")
+            _, launch = kernels.int8_matmul_plan(a, sa, b, sb, None, out_dtype, k_group, None, gpu)
+            kernel, bm, bn, bk, stages, warps, split = _plan_tile(launch)
+            what = f"{name} {M}x{N}x{K} -> {out_dtype}"
+            assert kernel == "int8_matmul_kernel" or gpu.capability >= (9, 0), \
+                f"{what}: {kernel} below sm90 (TMA needs sm90)"
+            budget = kernels.ACC_PER_THREAD[name] // (2 if J > 1 else 1)
+            assert bm * bn // (32 * warps) <= budget, f"{what}: {bm}x{bn} on {warps} warps"
+            tma = "tma" if kernel == "int8_matmul_tma_kernel" else "pointer"
+            need = kernels.matmul_shared_memory(tma, bm, bn, bk, stages, out_dtype.itemsize,
+                                                split, gpu)
+            assert need <= gpu.shared_memory, f"{what}: {need} B > {gpu.shared_memory} B"
+        with pytest.raises(ValueError, match="sm90") if gpu.capability < (9, 0) else \
+                contextlib.nullcontext():
+            kernels.int8_matmul_plan(a, sa, b, sb, None, torch.float32, k_group, True, gpu)
+    sm90 = kernels.GPUS["sm90"]
+    _, launch = kernels.int8_matmul_plan(meta_codes(16384, 3072), torch.empty(16384, device="meta"),
+                                         meta_codes(768, 3072).t(), torch.empty(768, device="meta"),
+                                         None, torch.float32, 0, None, sm90)
+    assert _plan_tile(launch)[-1] == 2, "an fp32 tile leaves the TMA kernel in two halves"
+
+
+def test_gate_traces_the_step_training_makes():
+    """tools/gate.py's step on fake tensors makes exactly the kernel calls of a real CPU step (same
+    shapes, strides, dtypes, arguments), and its matmuls are kernels.matmul_shapes' (what tune()
+    times): X after LayerNorm is fp32, so c_attn's and c_fc's dX are fp32."""
+    from tools import gate
+    fake, _ = gate.trace_step(64, 2, batch=2, context=16, fake=True)
+    real, _ = gate.trace_step(64, 2, batch=2, context=16, fake=False)
+    assert fake == real, "the fake-tensor step differs from a real one: " + next(
+        f"call {i}: {f} vs {r}" for i, (f, r) in enumerate(zip(fake, real)) if f != r) \
+        if len(fake) == len(real) else f"{len(fake)} calls on fake tensors, {len(real)} for real"
+    matmuls = {(a[0][1][0], a[2][1][1], a[0][1][1], a[5], a[6]) for op, a, _ in fake
+               if op == "int8_matmul"}
+    listed = set(kernels.matmul_shapes(widths=(64,), tokens=32))
+    assert matmuls == listed, f"traced but not listed: {matmuls - listed}; listed but not " \
+                              f"traced: {listed - matmuls}"
+    assert (32, 64, 256, torch.float32, 0) in matmuls, "c_fc's dX (after LayerNorm) is fp32"
+
+
+@needs_triton
+def test_compile_gate_can_fail():
+    """`python -m tools.gate --self-test` compiles four sm90 launches with no GPU: the plans of
+    c_fc's dX and c_proj's dW pass; the same with one stage more (over the shared memory) and on
+    the 128 x 256 tile (spills) are rejected, each for its reason."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tools.gate", "--self-test"], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, f"the gate's self-test failed:\n{out[-3000:]}"
+    assert re.search(r"FAIL .*one stage more.*shared memory \d", out), out[-3000:]
+    assert re.search(r"FAIL .*BLOCK_N 256.*B of register spills", out), out[-3000:]
+    assert len(re.findall(r"ok .*its plan", out)) == 2, out[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
 # Course tooling (tools/course.py)
 
 @pytest.mark.parametrize("seam", ["quantizer", "dequant", "straight_through", "linear_backward", "pack4",

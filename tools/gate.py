@@ -46,6 +46,7 @@ import kernels  # noqa: E402
 import qgpt  # noqa: E402
 
 WIDTHS = {"small": (768, 12), "medium": (1024, 16), "large": (1280, 20), "xl": (1600, 25)}
+LAYERS = {"small": 12, "medium": 24, "large": 36, "xl": 48}
 BATCH, CONTEXT = 16, 1024  # 16,384 tokens a micro-step
 HBM_BYTES_S, INT8_OPS_S, BF16_FLOPS_S = 4.8e12, 1580e12, 790e12  # H200: HBM; dense, measured bf16
 
@@ -89,22 +90,21 @@ def materialize(v):
     return v
 
 
-def trace_step(width):
-    """The kernel calls of one int8 training step (forward and backward) of one GPT-2 block at
-    `width`, 16 x 1024 tokens, bf16 autocast: [(operation, args, kwargs)], with a parameter list
-    [(name, numel)] for the optimizer."""
+def trace_step(n_embd, n_head, batch=BATCH, context=CONTEXT, fake=True):
+    """The kernel calls of one int8 training step (forward and backward) of a one-block GPT-2 of
+    this width under bf16 autocast, [(operation, args, kwargs)], and its parameters [(name,
+    numel)]. fake: on fake tensors (no memory, no compute); else a real step on the CPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    n_embd, n_head = WIDTHS[width]
     cfg = qgpt.Config(**{**qgpt.PRESETS["int8"], "n_layer": 1, "n_head": n_head,
-                         "n_embd": n_embd, "block_size": CONTEXT, "batch_size": BATCH})
+                         "n_embd": n_embd, "block_size": context, "batch_size": batch})
     recorder = RecordingBackend()
-    with FakeTensorMode():
+    with FakeTensorMode() if fake else contextlib.nullcontext():
         model = qgpt.GPT(cfg, 50304)
         qgpt.quantize_model(model, cfg, recorder)
         for module in model.modules():
             if isinstance(module, qgpt.QLinear):
                 module.cache_weight_codes = False  # fake weights have no address to key a cache
-        idx = torch.zeros(BATCH, CONTEXT, dtype=torch.long)
+        idx = torch.zeros(batch, context, dtype=torch.long)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as a GPU step's autocast
             _, loss = model(idx, idx)
         loss.backward()
@@ -284,7 +284,7 @@ def estimate(launch):
 def run_gate(archs, widths, log=print):
     """Every row of the report, for each GPU of archs at each width."""
     rows, cache = [], {}
-    traced = {width: trace_step(width) for width in widths}
+    traced = {width: trace_step(*WIDTHS[width]) for width in widths}
     for arch in archs:
         gpu = kernels.GPUS[arch]
         launches, params = [], []
@@ -314,9 +314,31 @@ def format_row(row):
             + (f"  <- {'; '.join(row['failures'])}" if row["failures"] else ""))
 
 
+def bf16_matmul_us(M, N, K, out_bytes=2):
+    """A bf16 matmul's time at the H200's peaks: the larger of memory and compute time."""
+    moved = 2 * (M * K + K * N) + out_bytes * M * N
+    return 1e6 * max(moved / HBM_BYTES_S, 2 * M * N * K / BF16_FLOPS_S)
+
+
+def step_prediction(width, rows):
+    """(int8 step us, bf16 step us) of GPT-2 at `width` and its depth, from one block's launches:
+    the Linears (int8: the quantizers and int8 matmuls; bf16: the same matmuls in bf16) in each
+    block, plus what both steps share: the LM head's three bf16 matmuls and causal attention
+    (forward 2 B T^2 d, backward 2.5 times that, at BF16_FLOPS_S). Elementwise work and the
+    optimizer are left out of both."""
+    n_embd, tokens, layers = WIDTHS[width][0], BATCH * CONTEXT, LAYERS[width]
+    step = [r for r in rows if r["launch"].startswith(f"{width} step:")]
+    head = (bf16_matmul_us(tokens, 50304, n_embd) + bf16_matmul_us(tokens, n_embd, 50304)
+            + bf16_matmul_us(50304, n_embd, tokens, 4))
+    attention = 1e6 * layers * 3.5 * 2 * BATCH * CONTEXT ** 2 * n_embd / BF16_FLOPS_S
+    shared = head + attention
+    return (layers * sum(r["predicted_us"] for r in step) + shared,
+            layers * sum(r["bf16_us"] for r in step) + shared)
+
+
 def summary(rows, widths):
     """Per architecture: launches, compiled, fitting, spill-free, passing; per width: the
-    predicted int8 and bf16 step of the Linears (one block x n_layer is the same ratio)."""
+    predicted int8 and bf16 steps (the same for every architecture: H200 peaks)."""
     lines = []
     for arch in dict.fromkeys(r["arch"] for r in rows):
         mine = [r for r in rows if r["arch"] == arch]
@@ -325,15 +347,43 @@ def summary(rows, widths):
                      f"{sum(r['shared'] <= r['shared_limit'] for r in compiled)} fit, "
                      f"{sum(r['spill_bytes'] == 0 for r in compiled)} spill-free, "
                      f"{sum(not r['failures'] for r in mine)} pass")
-        for width in widths:
-            step = [r for r in mine if r["launch"].startswith(f"{width} step:")]
-            int8_us = sum(r["predicted_us"] for r in step)
-            bf16_us = sum(r["bf16_us"] for r in step)
-            if bf16_us:
-                lines.append(f"  {width} (width {WIDTHS[width][0]}): a block's Linears, predicted "
-                             f"int8 {int8_us:.0f} us (quantizers included), bf16 {bf16_us:.0f} "
-                             f"us: int8/bf16 time {int8_us / bf16_us:.2f}")
+    mine = [r for r in rows if r["arch"] == rows[0]["arch"]] if rows else []
+    for width in widths:
+        int8_us, bf16_us = step_prediction(width, mine)
+        lines.append(f"predicted at H200 peaks, GPT-2 {width} ({LAYERS[width]} x {WIDTHS[width][0]},"
+                     f" {BATCH} x {CONTEXT} tokens): int8 step {int8_us / 1e3:.1f} ms, bf16 "
+                     f"{bf16_us / 1e3:.1f} ms: int8 {bf16_us / int8_us:.2f}x bf16's speed")
     return lines
+
+
+def self_test(log=print):
+    """The gate can fail: it must reject two plans and pass the two they come from. On sm90, c_fc's
+    dX (16384 x 768 x 3072, fp32 out, as after LayerNorm) with one stage more than its plan has,
+    and the MLP c_proj's dW (768 x 3072 x 16384 in K-groups of 1024) on the 128 x 256 tile its plan
+    narrows (the int32 sums and the fp32 sums both in registers). Returns what it got wrong."""
+    gpu, cache, wrong = kernels.GPUS["sm90"], {}, []
+
+    def codes(rows, cols):  # int8 codes, and the K-major view of their transpose
+        return torch.empty(rows, cols, dtype=torch.int8, device="meta")
+
+    def scales(groups, n):
+        return torch.empty(groups, n, device="meta")
+    _, dx = kernels.int8_matmul_plan(codes(16384, 3072), scales(1, 16384), codes(768, 3072).t(),
+                                     scales(1, 768), None, torch.float32, 0, None, gpu)
+    _, dw = kernels.int8_matmul_plan(codes(768, 16384), scales(16, 768), codes(3072, 16384).t(),
+                                     scales(16, 3072), None, torch.float32, 1024, None, gpu)
+    cases = [("c_fc dX, its plan", dx, None),
+             ("c_fc dX, one stage more", dx._replace(meta=dict(
+                 dx.meta, num_stages=dx.meta["num_stages"] + 1)), "shared memory"),
+             ("c_proj dW, its plan", dw, None),
+             ("c_proj dW, BLOCK_N 256", dw._replace(meta=dict(dw.meta, BLOCK_N=256)), "spills")]
+    for name, launch, expected in cases:
+        row = inspect(f"self-test: {name}", launch, gpu, compile_launch(launch, gpu, cache))
+        log(format_row(row))
+        got = "; ".join(row["failures"])
+        if (expected is None) != (not got) or (expected and expected not in got):
+            wrong.append(f"{name}: expected {expected or 'a pass'}, got {got or 'a pass'}")
+    return wrong
 
 
 def main(argv=None):
@@ -345,6 +395,8 @@ def main(argv=None):
     parser.add_argument("--widths", default="small,medium,large,xl",
                         help=f"comma-separated GPT-2 widths, of {', '.join(WIDTHS)}")
     parser.add_argument("--json", default="", help="write every field of every launch here")
+    parser.add_argument("--self-test", action="store_true",
+                        help="only show that the gate rejects two known-bad plans")
     args = parser.parse_args(argv)
     archs, widths = args.arch.split(","), args.widths.split(",")
     for name, known in [(a, kernels.GPUS) for a in archs] + [(w, WIDTHS) for w in widths]:
@@ -357,6 +409,11 @@ def main(argv=None):
     print(f"compile gate: triton {triton.__version__}, torch {torch.__version__}; "
           f"{', '.join(archs)}; widths {', '.join(widths)}")
     start = time.perf_counter()
+    wrong = self_test()  # every run first shows that it can fail
+    if wrong or args.self_test:
+        print("self-test: " + ("; ".join(wrong) if wrong else "both bad plans rejected, both "
+                               "fitted plans pass"))
+        return 1 if wrong else 0
     rows = run_gate(archs, widths)
     for line in summary(rows, widths):
         print(line)

@@ -4,7 +4,8 @@ kernels.py: Triton kernels for qgpt's int8 recipe, each beside a plain PyTorch r
     python kernels.py           # GPU: the kernels against their references, then the tables
                                 # CPU: says so, checks the kernels under Triton's interpreter
     python -m tools.bench --adamw   # the fused AdamW against qgpt.QAdamW's step (needs both files)
-    python kernels.py --tune    # GPU: autotune the matmul at GPT-2's shapes, print MATMUL_TABLE
+    python kernels.py --tune    # GPU: time matmul tiles at GPT-2's shapes, print this GPU's table
+    python -m tools.gate        # no GPU needed: compile every launch for sm90/sm80/sm89, check it
     python -m pytest test_qgpt.py -k "kernel or triton"   # compiled on a GPU, else interpreted
 
 How it works, for one Linear Y = X W^T (X: M tokens x K features, W: N x K, G = dL/dY: M x N):
@@ -21,7 +22,10 @@ How it works, for one Linear Y = X W^T (X: M tokens x K features, W: N x K, G = 
     one group (the scales apply once, in the epilogue, with the bias); dW = G^T X sums over tokens,
     one group per token group, each group's int32 sum promoted to fp32 in the main loop. A
     persistent kernel with tensor descriptors (TMA) serves K-major operands, a pointer kernel any
-    strides; block sizes come from MATMUL_TABLE, by shape (no autotuning unless asked).
+    strides. Every launch's kernel, tiles, stages and warps come from a plan function
+    (int8_matmul_plan, quantize_dual_plan, adamw_lowbit_plan): a table per GPU architecture, fitted
+    to the output's element size, the K-groups, the strides and the GPU's shared memory, and
+    compiled for each architecture without a GPU by tools/gate.py (no autotuning unless asked).
  3. `adamw_lowbit_step`: one AdamW step with 8/4-bit block-wise moments in one pass over memory
     (decode, update in fp32, new block absmax, encode); qgpt.QAdamW's PyTorch step is its reference.
  4. `ReferenceBackend` and `TritonBackend`: the two operations qgpt's int8 recipe needs
@@ -909,7 +913,8 @@ def check_cases(device, gpu=None):
         shape = f"{M}x{K}x{N}"
         for group in (0, 64):
             yield (f"quantize_dual {M}x{K} group {group}", quantize_dual, (x,),
-                   dict(token_group=group), lambda x=x, g=group: quantize_dual_reference(x, 8, 1e-5, g))
+                   dict(token_group=group),
+                   lambda x=x, g=group: quantize_dual_reference(x, 8, 1e-5, g))
         matmul = (a, a_scale, b, b_scale)
         yield (f"int8_matmul int32 {shape}", int8_matmul, matmul, dict(out_dtype=torch.int32),
                lambda: int8_matmul_reference(*matmul, out_dtype=torch.int32))

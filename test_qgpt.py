@@ -499,35 +499,6 @@ def test_project_stands_alone():
             assert missing not in text, f"{name} cites {missing}, which is not part of the project"
 
 
-def reading_rules():
-    """The numbers the readability rules hold qgpt.py to: {name: (value, limit)}."""
-    lines = {name: open(os.path.join(HERE, name)).read().splitlines()
-             for name in ("qgpt.py", "kernels.py", "prepare_data.py")}
-    q = lines["qgpt.py"]
-    start = next(i for i, line in enumerate(q) if line.startswith("# Quantization primitives"))
-    end = next(i for i, line in enumerate(q) if line.startswith("# Diagnostics"))
-    core = q[start:end - 1]
-    recipe_names = re.compile(r'(==|!=) *"(paper|int8)"|"(paper|int8)" *(==|!=)')
-    return {"line of def quantize": (next(i for i, line in enumerate(q, 1) if line.startswith("def quantize(")), 159),
-            "core path lines (quantizers to sample)": (len(core), 800),
-            "core path lines with code or docstring": (sum(bool(line.strip()) for line in core), 700),
-            # a ratchet: the code before this rule, wrapped at 100 columns, held about 1,410 lines
-            "qgpt.py lines": (len(q), 1350),
-            "lines over 100 characters": (sum(len(line) > 100 for ls in lines.values() for line in ls), 0),
-            "recipe-name comparisons": (sum(bool(recipe_names.search(line)) for line in q), 0),
-            "README.md bytes": (os.path.getsize(os.path.join(HERE, "README.md")), 20_000)}
-
-
-def test_reading_rules():
-    """qgpt.py opens with its idea (quantize before line 160), its core path reads in one sitting, no
-    line is over 100 characters in the three main files, no code but the recipe classes compares recipe
-    names, and the README is a first reader's page. Prints the numbers (pytest -s)."""
-    for name, (value, limit) in reading_rules().items():
-        print(f"  {name}: {value} (at most {limit})")
-    over = {name: value for name, (value, limit) in reading_rules().items() if value > limit}
-    assert not over, f"over the reading rules' limits: {over}"
-
-
 def test_kernels_never_imports_qgpt():
     """The dependency runs one way: qgpt.py imports kernels.py, never the reverse (what needs both, the
     fused AdamW's check and benchmark, lives in tools/bench.py)."""

@@ -1,33 +1,35 @@
 """
-tools/gate.py: the compile gate. Every launch of the int8 training path, compiled for a GPU with no
-GPU, and checked: it fits the GPU's shared memory, spills no register, runs int8 tensor cores.
+tools/gate.py: the compile gate. Every launch the int8 training path makes, compiled for a GPU
+with no GPU here, and checked: it fits the GPU's shared memory, spills no register, runs int8
+tensor cores.
 
-    python -m tools.gate                          # GPT-2 small, medium, large, XL widths; sm90, sm80, sm89
+    python -m tools.gate                      # GPT-2 small to XL widths; sm90, sm80, sm89
     python -m tools.gate --arch sm90,sm80 --widths small   # what CI runs on every submission
-    python -m tools.gate --json gate.json         # every field of every launch, in a file
+    python -m tools.gate --json gate.json     # every field of every launch, in a file
+    python -m tools.gate --self-test          # only: it rejects two known-bad plans
 
 How it works:
- 1. The launches. One training step of the int8 recipe per width (16 x 1024 tokens, one block: every
-    block makes the same launches), run on fake tensors (shapes and dtypes, no memory, no compute)
-    under bf16 autocast, with a backend that records each quantize_dual and int8_matmul call and
-    answers with the reference's results. So the shapes, strides and dtypes are the ones training
-    makes: X after LayerNorm is fp32, so its dX is fp32. Then the quantizers on their own (rows only,
-    bf16 and fp32), the fused AdamW (8/8 and 4/4 bits, each v map, every parameter size),
+ 1. The launches. One training step of the int8 recipe per width (16 x 1024 tokens, one block:
+    every block makes the same launches) runs on fake tensors (shapes and dtypes, no memory, no
+    compute) under bf16 autocast, with a backend that records each quantize_dual and int8_matmul
+    call and answers with the reference's results. So shapes, strides and dtypes are those
+    training makes: X after LayerNorm is fp32, so its dX is fp32. Then the quantizers alone (rows
+    only, bf16 and fp32), the fused AdamW (8/8 and 4/4 bits, each v map, every parameter size),
     `python kernels.py`'s checks and its benchmark's matmuls.
- 2. The plans. Each call goes to kernels.py's plan function, with tensors on the meta device and the
-    GPU of kernels.GPUS: the same code that picks the launch on a real GPU.
- 3. Compiling. Triton specializes the arguments as a launch does (its own binder: divisibility by 16,
-    constexprs) and compiles to PTX and a cubin for GPUTarget("cuda", arch, 32) with the ptxas of the
-    Triton wheel; its log gives registers and spills, the kernel's metadata its shared memory. Equal
-    specializations compile once.
- 4. The checks. A launch fails on a failed compile, shared memory over the GPU's per-block limit, any
-    spilled register, a matmul without int8 tensor-core instructions (wgmma .s8 on sm90, mma.sync .s8
-    below), or TMA below sm90. Reported too: the deepest wgmma wait (0: the tensor cores wait for each
-    K step before the next one's loads are issued).
+ 2. The plans. Each call goes to kernels.py's plan function, with tensors on the meta device and
+    a GPU of kernels.GPUS: the code that picks the launch on a real GPU.
+ 3. Compiling. Triton's own binder specializes the arguments as a launch does (divisibility by 16,
+    constexprs); triton.compile makes PTX and a cubin for GPUTarget("cuda", arch, 32) with the
+    Triton wheel's ptxas, whose log gives registers and spills; the kernel's metadata gives the
+    shared memory a launch asks for. Equal specializations compile once.
+ 4. The checks. A launch fails on a failed compile, shared memory over the GPU's per-block limit,
+    any spilled register, a matmul without int8 tensor-core instructions (wgmma .s8 on sm90,
+    mma.sync .s8 below), or TMA below sm90. Reported too: the deepest wgmma wait in the PTX
+    (0: the tensor cores finish each K step before the loop goes on).
  5. The estimate. Each launch's bytes moved and int8 operations, its time at the H200's peaks
-    (HBM_BYTES_S, INT8_OPS_S), and the same matmuls in bf16 at BF16_FLOPS_S: a predicted step of the
-    Linears, int8 against bf16, to hold against what a GPU measures.
-The exit status is 1 when any launch fails.
+    (HBM_BYTES_S, INT8_OPS_S), the same matmuls in bf16 at BF16_FLOPS_S, and per width a
+    predicted step, int8 against bf16, to hold against what a GPU measures.
+Every run first runs the self-test; the exit status is 1 when any launch fails.
 """
 
 import argparse
@@ -179,7 +181,8 @@ def check_and_bench_launches(gpu):
         b = torch.empty(N, K, dtype=torch.int8, device="meta").t()
         sa, sb = torch.empty(M, 1, device="meta"), torch.empty(N, 1, device="meta")
         for use_tma in (False, True) if gpu.capability >= (9, 0) else (False,):
-            launch = kernels.int8_matmul_plan(a, sa, b, sb, None, torch.bfloat16, 0, use_tma, gpu)[1]
+            _, launch = kernels.int8_matmul_plan(a, sa, b, sb, None, torch.bfloat16, 0, use_tma,
+                                                 gpu)
             launches.append((f"bench: int8_matmul {M}x{N}x{K} -> bfloat16 "
                              f"{'tma' if use_tma else 'pointer'}", launch))
     return launches
@@ -350,8 +353,9 @@ def summary(rows, widths):
     mine = [r for r in rows if r["arch"] == rows[0]["arch"]] if rows else []
     for width in widths:
         int8_us, bf16_us = step_prediction(width, mine)
-        lines.append(f"predicted at H200 peaks, GPT-2 {width} ({LAYERS[width]} x {WIDTHS[width][0]},"
-                     f" {BATCH} x {CONTEXT} tokens): int8 step {int8_us / 1e3:.1f} ms, bf16 "
+        lines.append(f"predicted at H200 peaks, GPT-2 {width} ({LAYERS[width]} x "
+                     f"{WIDTHS[width][0]}, {BATCH} x {CONTEXT} tokens): int8 step "
+                     f"{int8_us / 1e3:.1f} ms, bf16 "
                      f"{bf16_us / 1e3:.1f} ms: int8 {bf16_us / int8_us:.2f}x bf16's speed")
     return lines
 
@@ -373,10 +377,11 @@ def self_test(log=print):
     _, dw = kernels.int8_matmul_plan(codes(768, 16384), scales(16, 768), codes(3072, 16384).t(),
                                      scales(16, 3072), None, torch.float32, 1024, None, gpu)
     cases = [("c_fc dX, its plan", dx, None),
-             ("c_fc dX, one stage more", dx._replace(meta=dict(
+             ("c_fc dX, one stage more (must fail)", dx._replace(meta=dict(
                  dx.meta, num_stages=dx.meta["num_stages"] + 1)), "shared memory"),
              ("c_proj dW, its plan", dw, None),
-             ("c_proj dW, BLOCK_N 256", dw._replace(meta=dict(dw.meta, BLOCK_N=256)), "spills")]
+             ("c_proj dW, BLOCK_N 256 (must fail)", dw._replace(meta=dict(dw.meta, BLOCK_N=256)),
+              "spills")]
     for name, launch, expected in cases:
         row = inspect(f"self-test: {name}", launch, gpu, compile_launch(launch, gpu, cache))
         log(format_row(row))

@@ -231,6 +231,86 @@ def test_quantizer_floor_applies_to_the_max():
                                                              f"got {scale.item():.6g}"
 
 
+def _np_asymmetric(x, bits, floor=1e-5):
+    """The contract's asymmetric row quantizer in numpy (fp32, np.rint: ties to even):
+    (codes, scale, zero_point) per row."""
+    x = np.asarray(x, dtype=np.float32)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    low, high = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    scale = np.maximum(high - low, np.float32(floor)) / np.float32(2 ** bits - 1)
+    zero_point = qmin - np.rint(low / scale)
+    return np.clip(np.rint(x / scale) + zero_point, qmin, qmax), scale, zero_point
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantizer_asymmetric_rounding_and_range(bits):
+    """Asymmetric codes and zero points against the contract, in numpy: each row spans exactly
+    2^b - 1 (scale 1) and starts at -2.5, -1.5, -0.7, -0.3, -1 or 0.25, so min / scale falls on .5
+    ties of both parities, below and above them (a zero point from floor, ceil or round-half-up
+    misses one), with values on quarter steps between, and rows whose min and max land on qmin
+    and qmax (a clamp one short misses them)."""
+    levels = 2 ** bits - 1
+    offsets = np.round(np.linspace(0, levels, 13) * 4) / 4  # 0 ... levels in quarter steps
+    x = np.stack([np.float32(low) + offsets.astype(np.float32)
+                  for low in (-2.5, -1.5, -0.7, -0.3, -1.0, 0.25)]).astype(np.float32)
+    want_codes, want_scale, want_zp = _np_asymmetric(x, bits)
+    codes, scale, zp = quantize(torch.from_numpy(x), bits, "row", symmetric=False)
+    problem = _difference(scale, torch.from_numpy(want_scale), f"{bits}-bit scales") or \
+        _difference(zp, torch.from_numpy(want_zp), f"{bits}-bit zero points (qmin - round(min / "
+                    f"scale), ties to even)") or \
+        _difference(codes, torch.from_numpy(want_codes).to(torch.int8), f"{bits}-bit codes")
+    assert not problem, f"asymmetric rows of x = low + [{offsets[0]}..{offsets[-1]}]: {problem}"
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert codes.min().item() == qmin and codes.max().item() == qmax, \
+        f"{bits}-bit: the codes must reach qmin {qmin} and qmax {qmax}, got {codes.min().item()}.." \
+        f"{codes.max().item()}"
+
+
+def test_quantizer_divides_by_the_scale():
+    """codes = round(x / scale) with IEEE division, not x * (1 / scale): the x here (numpy fp32, a
+    tie of x / scale and its neighbours one ulp away) round differently through the reciprocal."""
+    absmax = np.float32(7.3)
+    scale = absmax / np.float32(127)
+    k = np.arange(-127, 127).astype(np.float64) + 0.5
+    ties = (k * np.float64(scale)).astype(np.float32)
+    near = np.concatenate([np.nextafter(ties, np.float32(np.inf)),
+                           np.nextafter(ties, np.float32(-np.inf)), ties])
+    near = near[np.abs(near) < absmax]
+    picked = near[np.rint(near / scale) != np.rint(near * (np.float32(1) / scale))]
+    assert len(picked) > 50, "the test needs x whose quotient and reciprocal product round apart"
+    x = np.concatenate([[absmax], picked]).astype(np.float32)[None, :]
+    codes, got_scale, _ = quantize(torch.from_numpy(x), 8, "row")
+    want = np.clip(np.rint(x / scale), -128, 127)
+    problem = _difference(got_scale, torch.tensor([[scale]]), "scale (7.3 / 127)") or \
+        _difference(codes, torch.from_numpy(want).to(torch.int8), "codes round(x / scale)")
+    assert not problem, f"8-bit row of absmax 7.3: {problem}"
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantizer_nan_and_inf(symmetric):
+    """A NaN gives code 0 and makes its group's scale NaN; a group holding inf gets a scale of inf
+    and codes round(x / inf) = 0 (+ the zero point: qmin) with inf / inf = NaN -> 0; other groups
+    are untouched."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[1.0, nan, -2.0, 0.5], [1.0, 2.0, -4.0, 0.25], [inf, 1.0, -1.0, 0.0]])
+    codes, scale, zp = quantize(x, 8, "row", symmetric)
+    assert codes[0].tolist() == [0, 0, 0, 0] and math.isnan(scale[0].item()), \
+        f"a row with a NaN: codes 0 and a NaN scale, got codes {codes[0].tolist()}, scale " \
+        f"{scale[0].item()} (the NaN must reach the scale, not be replaced by 0 first)"
+    # inf's own code: inf / inf = NaN -> 0; the others: x / inf = 0, plus the zero point qmin
+    want = [0, 0, 0, 0] if symmetric else [0, -128, -128, -128]
+    assert codes[2].tolist() == want and not math.isfinite(scale[2].item()), \
+        f"a row with inf: codes {want} and a non-finite scale, got codes {codes[2].tolist()}, " \
+        f"scale {scale[2].item()}"
+    want = quantize(x[1:2], 8, "row", symmetric)
+    problem = _difference(codes[1:2], want[0], "the finite row's codes") or \
+        _difference(scale[1:2], want[1], "the finite row's scale")
+    assert not problem, f"rows are independent: {problem}"
+    codes, scale, _ = quantize(x, 8, "tensor", symmetric)
+    assert math.isnan(scale.item()) and not codes.any(), \
+        f"per tensor, one NaN makes the one scale NaN and every code 0, got scale {scale.item()}"
+
+
 def test_dequant_hand_checked():
     codes = torch.tensor([[4, -7], [7, 3]], dtype=torch.int8)
     x_hat = dequantize(codes, torch.tensor([[0.5], [2.0]]))
@@ -242,6 +322,25 @@ def test_dequant_hand_checked():
     x_hat = dequantize(group_codes, torch.tensor([[[1.0], [10.0]]]))  # groups of 2: scale (1, 2, 1)
     assert x_hat.tolist() == [[1.0, 2.0, 30.0, 40.0]], f"group scales cover consecutive pairs; got {x_hat.tolist()}"
     assert dequantize(torch.tensor([3], dtype=torch.int8), torch.tensor(0.25)).tolist() == [0.75], "tensor scale"
+
+
+def test_dequant_zero_point_at_the_int8_edges_and_per_group():
+    """(codes - zero_point) * scale in float: codes -128 with zero point 1 is -129, and 127 with -2
+    is 129 (in int8 they would wrap); group scales take their zero points too; fp32 out, codes'
+    shape."""
+    codes = torch.tensor([[-128, 127, 0, -1], [-128, 127, 5, 100]], dtype=torch.int8)
+    x_hat = dequantize(codes, torch.tensor([[0.5], [0.25]]), torch.tensor([[1.0], [-2.0]]))
+    want = [[-129 * 0.5, 126 * 0.5, -1 * 0.5, -2 * 0.5], [-126 * 0.25, 129 * 0.25, 7 * 0.25, 102 * 0.25]]
+    assert x_hat.dtype == torch.float32 and x_hat.shape == codes.shape, \
+        f"fp32 of the codes' shape, got {x_hat.dtype} {tuple(x_hat.shape)}"
+    problem = _difference(x_hat, torch.tensor(want), "per-row zero points")
+    assert not problem, f"{problem} (subtract the zero point in float: int8 wraps at -128 and 127)"
+    scale = torch.tensor([[[1.0], [0.5]], [[2.0], [4.0]]])  # (2 rows, 2 groups of 2, 1)
+    zero = torch.tensor([[[1.0], [-3.0]], [[0.0], [2.0]]])
+    x_hat = dequantize(codes, scale, zero)
+    want = [[-129.0, 126.0, 1.5, 1.0], [-256.0, 254.0, 12.0, 392.0]]
+    problem = _difference(x_hat, torch.tensor(want), "group scales with zero points")
+    assert not problem, f"{problem} (groups of 2: each group's (codes - its zero point) * its scale)"
 
 
 def _np_fake_quantize(x, bits, granularity, group_size, floor, symmetric=True):
@@ -302,6 +401,22 @@ def test_straight_through_paper_backward_equals_reference(g_granularity, g_matmu
     assert err <= 1e-6 * want_db.abs().max().item(), \
         f"db must be the unquantized G summed over tokens in fp32: max |diff| {err:.3g} from " \
         f"{want_db.abs().max().item():.3g}"
+
+
+def test_straight_through_backward_runs_in_the_forward_dtype():
+    """The backward's matmuls run in the forward's dtype (ctx.dtype: bf16 for bf16 X): dX is
+    G @ W with both in bf16, dW is G^T @ X in bf16, returned in W's fp32 (so every entry is a bf16
+    value). Computed in fp32 from the fp32 W instead, dX differs and dW holds non-bf16 values."""
+    _, layer = _linear_pair(Config(wbits=8, abits=8, gbits=32))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 24, generator=gen).bfloat16()
+    g = torch.randn(16, 16, generator=gen).bfloat16()
+    _, dx, dw, _ = _grads(layer, x, g)
+    want_dx = g @ layer.weight.detach().bfloat16()  # (16, 16) @ (16, 24), in bf16
+    problem = _difference(dx, want_dx, "dX") or _difference(dw.bfloat16().float(), dw, "dW")
+    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32 and not problem, \
+        f"bf16 X: dX (bf16) = G @ W in bf16, dW (fp32) = G^T @ X in bf16: {problem or 'dtypes'} " \
+        f"(dX {dx.dtype}, dW {dw.dtype}; a matmul in fp32 gives other values)"
 
 
 def test_straight_through_runs_in_training(char_data, monkeypatch):
@@ -526,11 +641,19 @@ def test_diagnostics_table(tmp_path):
 # QAdamW
 
 def test_pack4_round_trip():
+    """Byte j holds element 2j in its low nibble and 2j + 1 in its high one; an odd count is padded
+    with a zero code; both directions are uint8."""
     codes = torch.tensor([0, 15, 7, 8, 1], dtype=torch.uint8)
     packed = qgpt.pack_4bit(codes)
-    assert packed.tolist() == [0xF0, 0x87, 0x01], f"low nibble first; got {[hex(b) for b in packed.tolist()]}"
-    problem = _difference(qgpt.unpack_4bit(packed, 5), codes, "unpack_4bit(pack_4bit(codes), 5)")
-    assert not problem, f"unpacking must give the codes back: {problem}"
+    assert packed.dtype == torch.uint8, f"pack_4bit must return uint8 bytes, got {packed.dtype}"
+    assert packed.tolist() == [0xF0, 0x87, 0x01], \
+        f"pack_4bit([0, 15, 7, 8, 1]): expected bytes [0xf0, 0x87, 0x1] (element 2j in the low " \
+        f"nibble of byte j, 2j + 1 in the high one, the odd last code padded with 0), got " \
+        f"{[hex(b) for b in packed.tolist()]}"
+    unpacked = qgpt.unpack_4bit(packed, 5)
+    assert unpacked.dtype == torch.uint8, f"unpack_4bit must return uint8 codes, got {unpacked.dtype}"
+    problem = _difference(unpacked, codes, "unpack_4bit(pack_4bit(codes), 5)")
+    assert not problem, f"unpacking must give the codes back, low nibble first: {problem}"
 
 
 def _adam_problem(seed=0):
@@ -647,6 +770,36 @@ def test_adam_state_exact_layout_floor_and_sqrt():
     expected = float(np.sqrt(c) / np.float32(256))
     assert scale.item() == expected, \
         f"sqrt map of {c}: scale sqrt(c) / 256 = {expected!r} expected, got {scale.item()!r}"
+
+
+def _np_pack(codes):
+    """The tests' own 4-bit packing: element 2j low, 2j + 1 high, an odd count padded."""
+    codes = list(codes) + [0] * (len(codes) % 2)
+    return [codes[j] | codes[j + 1] << 4 for j in range(0, len(codes), 2)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_adam_state_rounds_ties_to_even(bits):
+    """Every map rounds x / scale with ties to even, as quantize does (np.rint here). m: absmax
+    2^(b-1) - 1 gives scale 1, so +-0.5, 1.5, 2.5, 3.5 are ties (codes stored + 2^(b-1)); v linear:
+    max 2^b - 1, scale 1; zerofree: max 2^b, scale 1, code round(v) - 1; sqrt: the same on sqrt(v),
+    v = 2.25, 6.25, ... exact squares of ties."""
+    qmax = 2 ** (bits - 1) - 1
+    m = np.array([qmax, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5], dtype=np.float32)
+    cases = [("m", True, "linear", m, np.rint(m) + 2 ** (bits - 1))]
+    v = np.array([2 ** bits - 1, 0.5, 1.5, 2.5, 3.5], dtype=np.float32)
+    cases.append(("v linear", False, "linear", v, np.rint(v)))
+    v = np.array([2 ** bits, 1.5, 2.5, 3.5, 4.5], dtype=np.float32)
+    cases.append(("v zerofree", False, "zerofree", v, np.rint(v) - 1))
+    cases.append(("v sqrt", False, "sqrt", v * v, np.rint(v) - 1))
+    for name, signed, v_map, x, want in cases:
+        state = qgpt.encode_state(torch.from_numpy(x), bits, signed, "tensor", v_map=v_map)
+        want = [int(c) for c in want]
+        want_bytes = want if bits == 8 else _np_pack(want)
+        got = state["codes"].tolist()
+        assert state["scale"].item() == 1.0 and got == want_bytes, \
+            f"{bits}-bit {name} of {x.tolist()}: scale 1 and codes {want} (ties to even; 4 bits: " \
+            f"bytes {want_bytes}) expected, got scale {state['scale'].item()}, codes {got}"
 
 
 def test_adam_state_linear_map_zero_point_problem():

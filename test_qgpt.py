@@ -1684,6 +1684,55 @@ def test_kernel_quantize_columns_equals_qgpt_quantize(M, K, token_group, dtype, 
         assert not problem, f"kernels.quantize_dual_reference (expected) against the kernel: {problem}"
 
 
+@contextlib.contextmanager
+def _programs_in_order(order):
+    """Under Triton's interpreter, run a launch's programs in the order order(n) gives (a
+    permutation of range(n) over the first grid axis) instead of 0, 1, ..., n - 1. A GPU runs them
+    concurrently, in no order: a program that writes outside its own part is a race whose winner
+    changes from run to run; in order, the right program may simply write last and hide it."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield  # a GPU: no order to choose
+        return
+    import triton.runtime.interpreter as interp
+    real_dim, real_idx = interp.InterpreterBuilder.set_grid_dim, interp.InterpreterBuilder.set_grid_idx
+
+    def set_grid_dim(self, nx, ny, nz):
+        self.program_order = order(nx)
+        return real_dim(self, nx, ny, nz)
+
+    def set_grid_idx(self, x, y, z):
+        return real_idx(self, self.program_order[x], y, z)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(interp.InterpreterBuilder, "set_grid_dim", set_grid_dim)
+        patch.setattr(interp.InterpreterBuilder, "set_grid_idx", set_grid_idx)
+        yield
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on NaN
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+@pytest.mark.parametrize("token_group", [4, 8])
+def test_kernel_quantize_columns_any_program_order(order, token_group):
+    """Each program of quantize_dual writes only its own part: token groups shorter than the
+    column tile's BLOCK_M rows (16 under the interpreter), programs run in reverse or shuffled
+    order, so that a group's pass that wrote past its group's last row (masking with M instead of
+    the group's end) would run after the group it overwrote. Codes and scales: qgpt.quantize of
+    each group's columns."""
+    M, K = 37, 70
+    x = _adversarial(M, K, torch.float32)
+    xk, = on_kdev(x)
+    shuffle = np.random.default_rng(token_group).permutation
+    with _programs_in_order(lambda n: list(range(n))[::-1] if order == "reversed" else shuffle(n)):
+        _, (colt_codes, col_scale) = kernels.quantize_dual(xk, 8, 1e-5, token_group)
+    for j, m0 in enumerate(range(0, M, token_group)):
+        codes, scale, _ = quantize(x[m0:m0 + token_group], 8, "column")
+        problem = _difference(colt_codes.cpu()[:, m0:m0 + token_group].t(), codes, "column codes") \
+            or _difference(col_scale.cpu()[j:j + 1], scale, "column scales")
+        assert not problem, f"programs {order}, token group {j} (rows {m0}.." \
+            f"{min(m0 + token_group, M) - 1}): {problem} (expected: qgpt.quantize column of the " \
+            f"group; a program wrote outside its group?)"
+
+
 @needs_triton
 @pytest.mark.parametrize("K,k_group", [(70, 32), (208, 64), (80, 32), (256, 64), (300, 64), (16, 0)])
 def test_kernel_matmul_token_groups_exact(K, k_group):

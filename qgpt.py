@@ -197,7 +197,15 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None,
 
 # SEAM: dequant
 def dequantize(codes, scale, zero_point=None):
-    """x_hat = (codes - zero_point) * scale, in fp32 with the shape of codes."""
+    """The inverse map of `quantize`: x_hat = (codes - zero_point) * scale, elementwise.
+
+    codes: int8 codes of any shape; scale and zero_point (None: symmetric, no zero point) as
+    `quantize` returns them: a () tensor, (R, 1) per row or (1, C) per column broadcast against the
+    codes; a 3-D (R, C // g, 1) group scale (and zero point) applies to the codes viewed as
+    (R, C // g, g), group j of row r covering columns j*g .. j*g + g - 1. The codes are converted
+    to fp32 before anything else: codes - zero_point in int8 would wrap (-128 - 1 = 127).
+    Returns fp32 with the codes' shape.
+    """
     q = codes.float()
     if scale.dim() == 3:  # group scales (R, C // g, 1): view the codes as (R, C // g, g)
         q = q.view(scale.shape[0], scale.shape[1], -1)
@@ -547,7 +555,9 @@ class GPT(nn.Module):
 
 # SEAM: pack4
 def pack_4bit(codes):
-    """uint8 codes in [0, 15], flat (n,) -> uint8 (ceil(n / 2),): two codes per byte."""
+    """uint8 codes in [0, 15], flat (n,) -> uint8 bytes (ceil(n / 2),), two codes a byte: byte j
+    holds code 2j in its low nibble (bits 0-3) and code 2j + 1 in its high nibble (bits 4-7);
+    an odd n is padded with one code 0 (the last byte's high nibble)."""
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])
     pairs = codes.view(-1, 2)
@@ -556,7 +566,8 @@ def pack_4bit(codes):
 
 # SEAM: pack4
 def unpack_4bit(packed, numel):
-    """Inverse of pack_4bit: uint8 (ceil(n / 2),) -> uint8 codes (numel,)."""
+    """Inverse of pack_4bit: uint8 bytes (ceil(n / 2),) -> uint8 codes (numel,): byte j gives
+    code 2j (its low nibble) then code 2j + 1 (its high nibble); codes past numel are dropped."""
     return torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[:numel]
 
 
@@ -603,7 +614,9 @@ def encode_state(x, bits, signed, granularity="block", block_size=128, v_map="li
       'zerofree': level c means (c + 1) * scale, scale = max / 2^b; the smallest level is one step;
       'sqrt':     as 'zerofree' on u = sqrt_rn(v), correctly rounded (scale is the step in the
                   sqrt domain; decoding squares), which also halves the dynamic range.
-    The max (of v, or of sqrt(v)) is floored at 1e-30 before the division.
+    The max (of v, or of sqrt(v)) is floored at 1e-30 before the division. Every code rounds
+    x / scale to the nearest integer with ties to even (torch.round, as `quantize`: 2.5 -> 2,
+    3.5 -> 4, -0.5 -> 0), in fp32, then clamps to [0, 2^b - 1] (after the offset) before the cast.
     """
     rows = _state_rows(x.float(), granularity, block_size)
     if signed:

@@ -47,17 +47,21 @@ def tiny_cfg(tmp_path, **overrides):
     return Config(**base)
 
 
-def _difference(got, want, what):
-    """'' when got equals want (NaN where want is NaN), else where they first differ and how."""
+def _difference(got, want, what, rtol=0.0, atol=0.0):
+    """'' when got equals want (NaN where want is NaN; within atol + rtol * |want| when given),
+    else how many differ, the first index, and both values."""
     got, want = got.cpu(), want.cpu()
     if got.shape != want.shape:
         return f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
     same = (got == want) | (got.isnan() & want.isnan()) if got.is_floating_point() else got == want
+    if rtol or atol:
+        same |= (got.double() - want.double()).abs() <= atol + rtol * want.double().abs()
     if bool(same.all()):
         return ""
     i = tuple(int(v) for v in (~same).nonzero()[0])
-    return f"{what}: {int((~same).sum())} differ, the first at {list(i)}: got {got[i].item()}, " \
-           f"expected {want[i].item()}"
+    within = f" (beyond {atol:g} + {rtol:g} |expected|)" if rtol or atol else ""
+    return f"{what}: {int((~same).sum())} differ, the first at {list(i)}: got {got[i].item()!r}, " \
+           f"expected {want[i].item()!r}{within}"
 
 
 @pytest.fixture
@@ -207,8 +211,9 @@ def test_quantizer_matches_paper_formula(bits, granularity):
     expected = np.clip(np.round(x / scale), -qmax - 1, qmax)
     codes, scale_t, _ = quantize(torch.from_numpy(x), bits, granularity, group_size=4)
     bad = np.argwhere(codes.numpy() != expected.astype(np.int8))
-    assert len(bad) == 0, f"{bits}-bit {granularity}: {len(bad)} codes differ, first at {tuple(bad[0])}: " \
-                          f"{codes.numpy()[tuple(bad[0])]} instead of {expected[tuple(bad[0])]:.0f} (x = {x[tuple(bad[0])]})"
+    first = tuple(int(v) for v in bad[0]) if len(bad) else ()
+    assert len(bad) == 0, f"{bits}-bit {granularity}: {len(bad)} codes differ, first at {list(first)}: " \
+                          f"{codes.numpy()[first]} instead of {expected[first]:.0f} (x = {x[first]})"
     x_hat = _x_hat(codes, scale_t)
     half_step = torch.from_numpy(np.broadcast_to(scale, x.shape).astype(np.float64)) / 2
     err = (x_hat - torch.from_numpy(x).double()).abs()
@@ -389,18 +394,18 @@ def test_straight_through_paper_backward_equals_reference(g_granularity, g_matmu
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for name, got, want in [("dX", dx, g_dx @ w64), ("dW", dw, g_dw.T @ x64)]:
         err = np.abs(got.double().numpy() - want)
-        i = np.unravel_index(err.argmax(), err.shape)
+        i = tuple(int(v) for v in np.unravel_index(err.argmax(), err.shape))
         assert err[i] <= tol * np.abs(want).max(), \
             f"{g_granularity}/{g_matmuls}, G ~ {g_size}, {dtype}: {name}{list(i)} is " \
             f"{got[i].item():.6g}, expected {want[i]:.6g} (straight through: unquantized X and W, " \
             f"fq(G) symmetric with the 1e-9 floor where --g_matmuls says)"
     assert dx.dtype == dtype and dw.dtype == db.dtype == torch.float32, "dX in X's dtype, dW and db fp32"
     want_db = g.double().sum(0)
-    err = (db.double() - want_db).abs().max().item()
+    n = int((db.double() - want_db).abs().argmax())
     # fp32 accumulation of 12 terms: 1e-6 of the sum's scale; a bf16 sum is 100 times further off
-    assert err <= 1e-6 * want_db.abs().max().item(), \
-        f"db must be the unquantized G summed over tokens in fp32: max |diff| {err:.3g} from " \
-        f"{want_db.abs().max().item():.3g}"
+    assert abs(db[n].item() - want_db[n].item()) <= 1e-6 * want_db.abs().max().item(), \
+        f"db must be the unquantized G summed over the tokens in fp32: db[{n}] is " \
+        f"{db[n].item():.8g}, expected {want_db[n].item():.8g}"
 
 
 def test_straight_through_backward_runs_in_the_forward_dtype():
@@ -1254,23 +1259,31 @@ def interpreter_bounds_check(monkeypatch):
 
     def init(self, args_dev, kwargs):
         args_hst, kwargs_hst = real_init(self, args_dev, kwargs)
-        tensors = [a.base if hasattr(a, "base") and not hasattr(a, "data_ptr") else a
-                   for a in [*args_hst, *kwargs_hst.values()]]
+        named = zip([*self.arg_names[:len(args_hst)], *kwargs_hst], [*args_hst, *kwargs_hst.values()])
+        tensors = [(name, a.base if hasattr(a, "base") and not hasattr(a, "data_ptr") else a)
+                   for name, a in named]
         launch["kernel"] = self.fn.__name__
-        launch["ranges"] = [(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in
-                            (a.untyped_storage() for a in tensors if hasattr(a, "data_ptr"))]
+        launch["ranges"] = [(name, a.untyped_storage().data_ptr(),
+                             a.untyped_storage().data_ptr() + a.untyped_storage().nbytes())
+                            for name, a in tensors if hasattr(a, "data_ptr")]
         return args_hst, kwargs_hst
 
     def check(kind, ptrs, mask, size):
         address = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.int64)
         inside = np.zeros(address.shape, dtype=bool)
-        for start, end in launch["ranges"]:
+        for _, start, end in launch["ranges"]:
             inside |= (address >= start) & (address + size <= end)
         if not inside.all():
             bad = int(address[~inside][0])
+            # the argument the pointer most likely came from: the last one starting below it
+            below = [r for r in launch["ranges"] if r[1] <= bad] or launch["ranges"][:1]
+            name, start, end = max(below, key=lambda r: r[1])
+            off = bad - start
+            where = (f"element {off // size} of `{name}` (a {size}-byte {kind} at byte {off} of its "
+                     f"{end - start}: {off + size - (end - start)} bytes past its end)"
+                     if bad >= start else f"{start - bad} bytes before `{name}`")
             raise IndexError(f"{launch['kernel']}: {int((~inside).sum())} {kind}s out of bounds, the "
-                             f"first at address {bad:#x}, outside every tensor argument (a mask or an "
-                             f"offset is wrong)")
+                             f"first at {where} (a mask or an offset is wrong)")
 
     def load(self, ptrs, mask, other, cache_policy, is_volatile):
         check("load", ptrs, mask, ptrs.get_element_ty().primitive_bitwidth // 8)
@@ -1301,13 +1314,16 @@ if kernels.triton is not None:
 @pytest.mark.skipif(KDEV != "cpu", reason="the check is the interpreter's; a GPU has its own tools")
 @needs_triton
 def test_interpreter_bounds_check_names_the_kernel():
-    """A kernel that stores past the end of its tensor fails its test with its name, and pytest
-    lives on (without the check the interpreter writes over other memory)."""
+    """A kernel that stores past the end of its tensor fails its test with its name, the argument
+    and the element, and pytest lives on (without the check the interpreter writes over other
+    memory)."""
     x = torch.zeros(4)
-    with pytest.raises(Exception, match="_store_past_the_end: 60 stores out of bounds"):
+    with pytest.raises(Exception, match=r"_store_past_the_end: 60 stores out of bounds, the first "
+                       r"at element 4 of `x_ptr` \(a 4-byte store at byte 16 of its 16: 4 bytes"):
         _store_past_the_end[(1,)](x, BLOCK=64)
     three = torch.zeros(3)  # 12 bytes: an 8-byte store at byte 8 ends 4 bytes past them
-    with pytest.raises(Exception, match="_store_int64_at: 1 stores out of bounds"):
+    with pytest.raises(Exception, match=r"_store_int64_at: 1 stores out of bounds, the first at "
+                       r"element 1 of `x_ptr` \(a 8-byte store at byte 8 of its 12: 4 bytes past"):
         _store_int64_at[(1,)](three, 1)
     other = torch.zeros(4)  # an argument of an earlier launch only: not this launch's memory
     _store_int64_at[(1,)](other, 0)
@@ -1346,7 +1362,9 @@ def test_kernel_matmul_strided_inputs_and_epilogue():
     got = kernels.int8_matmul(a, a_scale, b, b_scale, bias).cpu()
     ref = kernels.int8_matmul_reference(*[t.cpu() for t in (a, a_scale, b, b_scale, bias)])
     # The epilogue is the same fp32 operations in the same order; 1e-6 leaves room for a fused multiply-add.
-    assert compare("epilogue", got, ref, rtol=1e-6, atol=1e-6), "fused epilogue differs from the reference"
+    problem = _difference(got, ref, "fp32 epilogue", rtol=1e-6, atol=1e-6)
+    assert not problem, f"strided A and B, per-row and per-column scales, bias: {problem} " \
+                        f"(expected: int8_matmul_reference, sum * a_scale * b_scale + bias in fp32)"
     got16 = kernels.int8_matmul(a, a_scale, b, b_scale, bias, out_dtype=torch.bfloat16).cpu()
     # bf16 keeps 8 significant bits; Triton's interpreter truncates the cast where a GPU rounds to nearest:
     # one bf16 step (2^-7 relative) covers both.
@@ -1389,7 +1407,8 @@ def test_kernel_backend_matches_sim_backend():
     for name, a, b in zip(["output", "dX", "dW", "db"], _grads(tri, x, g), _grads(sim, x, g)):
         a, b = a.cpu(), b.cpu()
         # same codes and scales; sums in int32 (Triton) vs fp32 (sim): fp32 rounding only
-        assert compare(f"triton vs sim {name}", a, b, rtol=1e-5, atol=1e-5), f"triton vs sim {name} differ"
+        problem = _difference(a, b, f"triton {name}", rtol=1e-5, atol=1e-5)
+        assert not problem, f"{problem} (expected: the sim backend's {name})"
 
 
 @needs_triton
@@ -1407,7 +1426,8 @@ def test_kernel_matmul_tma_exact_int32(M, K, N):
     got = kernels.int8_matmul(ak, ask, btk.t(), bsk, biask, use_tma=True).cpu()
     ref = kernels.int8_matmul_reference(a, a_scale, bt.t(), b_scale, bias)
     # the same fp32 epilogue operations; 1e-6 leaves room for a fused multiply-add
-    assert compare("tma epilogue", got, ref, rtol=1e-6, atol=1e-6), "TMA kernel epilogue differs from the reference"
+    problem = _difference(got, ref, "TMA kernel fp32 epilogue", rtol=1e-6, atol=1e-6)
+    assert not problem, f"{M}x{K}x{N}: {problem} (expected: int8_matmul_reference)"
 
 
 @needs_triton
@@ -1438,7 +1458,9 @@ def test_fused_adam_kernel_equals_pytorch_step(m_bits, v_bits, beta1, v_map, sha
         else:  # CUDA's PyTorch divides by a number through its reciprocal and fuses multiply-adds on
             # its own: 1 ulp apart per step, which can move a code across a rounding boundary
             tol = 1 if name.endswith("codes") else 1e-5
-            assert compare(f"fused AdamW {name}", got.double(), want.double(), rtol=tol, atol=tol * 1e-3)
+            problem = _difference(got.double(), want.double(), f"fused AdamW {name}", rtol=tol,
+                                  atol=tol * 1e-3)
+            assert not problem, f"{problem} (expected: QAdamW's PyTorch step)"
 
 
 def test_fused_adam_kernel_only_for_low_bit_block_states():
@@ -1859,15 +1881,17 @@ def test_linear_backward_int8_equals_reference(token_group, g_size, dtype):
     for name, got, want, tol in [("dX", dx, want_dx, 1e-6 if dtype == torch.float32 else 2 ** -8),
                                  ("dW", dw, want_dw, 1e-6)]:
         err = np.abs(got.double().numpy() - want)
-        i = np.unravel_index(err.argmax(), err.shape)
+        i = tuple(int(v) for v in np.unravel_index(err.argmax(), err.shape))
         assert err[i] <= tol * np.abs(want).max(), \
             f"token groups of {token_group}, G ~ {g_size}, {dtype}: {name}{list(i)} " \
             f"is {got[i].item():.6g}, expected {want[i]:.6g}"
     assert dx.dtype == dtype and dw.dtype == db.dtype == torch.float32, "dX in X's dtype, dW and db fp32"
     want_db = g.double().sum(0)
-    err = (db.double() - want_db).abs().max().item()
+    n = int((db.double() - want_db).abs().argmax())
     # fp32 accumulation of 40 terms: 1e-6 of the sum's scale; a sum kept in bf16 is 100 times off
-    assert err <= 1e-6 * want_db.abs().max().item(), f"db must be G summed over tokens in fp32: max |diff| {err:.3g}"
+    assert abs(db[n].item() - want_db[n].item()) <= 1e-6 * want_db.abs().max().item(), \
+        f"db must be the unquantized G summed over the tokens in fp32: db[{n}] is {db[n].item():.8g}, " \
+        f"expected {want_db[n].item():.8g}"
 
 
 def test_int8_weight_codes_take_the_activation_floor():

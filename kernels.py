@@ -350,7 +350,7 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         mask_m, mask_n = offs_m < M, offs_n < N
-        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # (dead code unless K_GROUPS)
+        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the fp32 sum of the groups
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # int32: exact for a group <= MAX_K
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
@@ -426,6 +426,7 @@ if triton is not None:
     def _store_tile(c_desc, tile, row, col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     SPLIT: tl.constexpr):
         """Store a (BLOCK_M, BLOCK_N) tile at (row, col) through a descriptor of SPLIT-th blocks."""
+        tl.static_assert((SPLIT == 1) | (SPLIT == 2), "EPILOGUE_SPLIT is 1 or 2")
         if SPLIT == 1:
             c_desc.store([row, col], tile)
         else:  # (BLOCK_M, BLOCK_N) -> its left and right halves
@@ -542,27 +543,41 @@ _GPU_OF = {}
 
 
 def gpu_of(device):
-    """The GPU of a CUDA device, with its own limits; None elsewhere (the interpreter's plans)."""
+    """The GPU of a CUDA device, with its own limits; None elsewhere (the interpreter's plans).
+    Its table: sm90 for Hopper, sm80 for the A100, sm89 for the other sm8x cards; a newer GPU gets
+    the table its shared memory suits, and a line saying the compile gate has not checked it."""
     if device.type != "cuda":
         return None
     index = torch.cuda.current_device() if device.index is None else device.index
     if index not in _GPU_OF:
         props = torch.cuda.get_device_properties(index)
         capability = (props.major, props.minor)
-        name = "sm90" if capability >= (9, 0) else "sm80" if capability == (8, 0) else "sm89"
-        shared = getattr(props, "shared_memory_per_block_optin", GPUS[name].shared_memory)
+        if capability < (8, 0):
+            raise ValueError(f"the int8 kernels need int8 tensor cores (sm80 or later), not "
+                             f"sm{props.major}{props.minor}: use the sim backend")
+        # the limit Triton itself checks a launch against
+        shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+        name = {9: "sm90", 8: "sm80" if capability == (8, 0) else "sm89"}.get(props.major)
+        if name is None:
+            name = "sm90" if shared >= GPUS["sm90"].shared_memory else "sm89"
+            print(f"kernels: sm{props.major}{props.minor} runs the {name} table, fitted to its "
+                  f"{shared:,} B of shared memory; the compile gate has not checked it")
         _GPU_OF[index] = GPU(name, capability, shared, props.multi_processor_count)
     return _GPU_OF[index]
 
 
 class Launch(NamedTuple):
-    """One launch: kernel[grid](*args, **meta); meta holds the constexprs and compile options."""
+    """One launch: kernel[grid](*args, **meta); meta holds the constexprs and compile options.
+    scratch: the kernel makes tensor descriptors on the device, which need scratch memory."""
     kernel: object
     grid: tuple
     args: tuple
     meta: dict
+    scratch: bool = False
 
     def __call__(self):
+        if self.scratch and self.args[0].is_cuda:  # the allocator is per thread (the backward
+            triton.set_allocator(_scratch)  # runs in autograd's): set it for each launch
         return self.kernel[self.grid](*self.args, **self.meta)
 
 
@@ -641,10 +656,11 @@ def quantize_rows(x, bits=8, absmax_floor=1e-5):
 
 # int8_matmul's tiles: (M, N, K) -> (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), a
 # table per architecture. sm90: the fastest of 15 configurations at GPT-2 small's shapes on an
-# H100 (run 4, one K-group; the dW shape 3072 x 768 x 16384 was fastest on the pointer kernel).
-# `python kernels.py --tune` measures the table of the GPU it runs on. Other shapes take the
+# H100 (run 4: the kernels before, bf16 outputs and one K-group; the dW shape 3072 x 768 x 16384
+# was fastest on the pointer kernel). sm80 and sm89: no GPU has measured them yet: the default
+# tile. `python kernels.py --tune` measures the table of the GPU it runs on. Other shapes take the
 # architecture's default tile (small tiles below SMALL_MATMUL). Either way, _fit_tile then makes
-# the tile fit the launch: its output's element size, its K-groups, the GPU's shared memory.
+# the tile fit the launch (it may change warps, tiles, stages: the gate compiles the result).
 MATMUL_TABLES = {
     "sm90": {
         (16384, 2304, 768): ("tma", 128, 128, 256, 3, 8),
@@ -672,16 +688,15 @@ ACC_PER_THREAD = {"sm90": 128, "sm80": 64, "sm89": 64}
 LOADS_PER_THREAD = 32  # int8 elements of A and B a thread loads a stage where strides are ragged
 
 
-def matmul_tile(M, N, K, out_dtype, grouped, aligned, gpu):
-    """The tile of one launch: the table's (or the default) entry, fitted: (kernel, BLOCK_M,
-    BLOCK_N, BLOCK_K, stages, warps, EPILOGUE_SPLIT)."""
+def matmul_entry(M, N, K, gpu):
+    """The table's (or the default) entry of a shape on a GPU."""
     table, (large, small) = MATMUL_TABLES[gpu.name], MATMUL_DEFAULT[gpu.name]
-    entry = table.get((M, N, K), small if M * N * K < SMALL_MATMUL else large)
-    return _fit_tile(*entry, out_dtype.itemsize, grouped, aligned, gpu)
+    return table.get((M, N, K), small if M * N * K < SMALL_MATMUL else large)
 
 
 def _fit_tile(kernel, bm, bn, bk, stages, warps, out_bytes, grouped, aligned, gpu):
-    """A tile made to fit its launch and GPU, each step measured by the compile gate:
+    """A tile made to fit its launch and GPU, each step measured by the compile gate; returns
+    (kernel, BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, EPILOGUE_SPLIT):
      1. no TMA below sm90;
      2. registers: at most ACC_PER_THREAD[gpu] accumulator values a thread (half if K-grouped):
         more warps (up to 8), then narrower tiles;
@@ -714,12 +729,13 @@ def _fit_tile(kernel, bm, bn, bk, stages, warps, out_bytes, grouped, aligned, gp
 
 
 def matmul_shared_memory(kernel, bm, bn, bk, stages, out_bytes, split, gpu):
-    """Bytes of shared memory a tile asks for, as the compile gate measures it: A's and B's int8
-    blocks in `stages` buffers (stages - 1 below sm90: the pointer kernel's cp.async pipeline),
-    the TMA kernel's staging buffer for one part of C, and 1 KB of barriers."""
+    """Bytes of shared memory a tile asks for, an estimate 2 KB above what the compile gate
+    measures: A's and B's int8 blocks in `stages` buffers (stages - 1 below sm90: the pointer
+    kernel's cp.async pipeline), the TMA kernel's staging buffer for one part of C, and the
+    barriers (24 to 1,056 B measured)."""
     buffers = stages if gpu.capability >= (9, 0) else stages - 1
     epilogue = bm * bn // split * out_bytes if kernel == "tma" else 0
-    return buffers * (bm + bn) * bk + epilogue + 1024
+    return buffers * (bm + bn) * bk + epilogue + 2048
 
 
 def _scratch(size, alignment, stream):
@@ -763,16 +779,20 @@ def int8_matmul_plan(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32,
         split = 2 if out_dtype.itemsize == 4 else 1  # as on a GPU: the halves are tested too
         meta, sms = dict(GROUP_M=4), 2  # two "SMs"
     else:
-        aligned = all(s % 16 == 0 for s in (*a.stride(), *b.stride()) if s != 1) and all(
-            t.data_ptr() % 16 == 0 for t in (a, b))
-        kernel, bm, bn, bk, stages, warps, split = matmul_tile(M, N, K, out_dtype, n_groups > 1,
-                                                               aligned, gpu)
-        meta, sms = dict(GROUP_M=8, num_stages=stages, num_warps=warps, **EXACT), gpu.sms
         if use_tma and gpu.capability < (9, 0):
             raise ValueError(f"the TMA kernel needs sm90 or later, not sm{gpu.capability[0]}"
                              f"{gpu.capability[1]}")
-    if use_tma is None:
-        use_tma = kernel == "tma" and _tma_ok(a, b, c)
+        entry = matmul_entry(M, N, K, gpu)
+        if use_tma is None:  # the kernel first, then the tile is fitted to it
+            use_tma = entry[0] == "tma" and gpu.capability >= (9, 0) and _tma_ok(a, b, c)
+        aligned = all(s % 16 == 0 for s in (*a.stride(), *b.stride()) if s != 1) and all(
+            t.data_ptr() % 16 == 0 for t in (a, b))
+        kernel, bm, bn, bk, stages, warps, split = _fit_tile(
+            "tma" if use_tma else "pointer", *entry[1:], out_dtype.itemsize, n_groups > 1,
+            aligned, gpu)
+        meta, sms = dict(GROUP_M=8, num_stages=stages, num_warps=warps, **EXACT), gpu.sms
+    if use_tma is None:  # the interpreter: the pointer kernel unless asked
+        use_tma = False
     # several groups: BLOCK_K must divide the group (both are powers of two); one: any K
     meta.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, group) if n_groups > 1 else bk,
                 DEQUANT=dequant, HAS_BIAS=bias is not None, K_GROUPS=n_groups > 1)
@@ -780,7 +800,7 @@ def int8_matmul_plan(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32,
     if use_tma:
         return c, Launch(int8_matmul_tma_kernel, (min(sms, tiles),), (
             a, b, c, a_scale, b_scale, bias_arg, M, N, K, group, a.stride(0), b.stride(1),
-            c.stride(0)), dict(meta, NUM_SMS=sms, EPILOGUE_SPLIT=split))
+            c.stride(0)), dict(meta, NUM_SMS=sms, EPILOGUE_SPLIT=split), scratch=True)
     return c, Launch(int8_matmul_kernel, (tiles,), (
         a, b, c, a_scale, b_scale, bias_arg, M, N, K, group, a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), c.stride(0), c.stride(1)), meta)
@@ -799,10 +819,6 @@ def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_gr
     c, launch = int8_matmul_plan(a, a_scale, b, b_scale, bias, out_dtype, k_group, use_tma,
                                  gpu_of(a.device))
     if launch is not None:
-        if a.is_cuda and launch.kernel is int8_matmul_tma_kernel:
-            # device-side descriptors need scratch memory; the allocator is per thread (the
-            # backward runs in autograd's), so set it each time
-            triton.set_allocator(_scratch)
         launch()
     return c
 
@@ -917,20 +933,20 @@ def check_cases(device, gpu=None):
                    lambda x=x, g=group: quantize_dual_reference(x, 8, 1e-5, g))
         matmul = (a, a_scale, b, b_scale)
         yield (f"int8_matmul int32 {shape}", int8_matmul, matmul, dict(out_dtype=torch.int32),
-               lambda: int8_matmul_reference(*matmul, out_dtype=torch.int32))
+               lambda m=matmul: int8_matmul_reference(*m, out_dtype=torch.int32))
         # the epilogue: the same fp32 operations in the same order: exact
         yield (f"int8_matmul epilogue {shape}", int8_matmul, matmul, {},
-               lambda: int8_matmul_reference(*matmul))
+               lambda m=matmul: int8_matmul_reference(*m))
         if K > 32:  # K in groups of 32, scales per group
             groups = -(-K // 32)
             grouped = (a, torch.rand(groups, M, device=device), b,
                        torch.rand(groups, N, device=device))
             yield (f"int8_matmul 32-groups {shape}", int8_matmul, grouped, dict(k_group=32),
-                   lambda: int8_matmul_reference(*grouped, k_group=32))
+                   lambda m=grouped: int8_matmul_reference(*m, k_group=32))
         c = torch.empty(M, N, device=device)
         if tma and _tma_ok(a, b, c) and _tma_ok(a, b, c.int()):  # where its layout allows
             yield (f"int8_matmul tma epilogue {shape}", int8_matmul, matmul, dict(use_tma=True),
-                   lambda: int8_matmul_reference(*matmul))
+                   lambda m=matmul: int8_matmul_reference(*m))
 
 
 def check(device):
@@ -998,7 +1014,7 @@ def benchmark():
                   f"{x.numel() * moved / ms / 1e9:5.2f} TB/s", flush=True)
 
 
-def matmul_shapes(widths=(768, 1024, 1600), tokens=16384, token_group=1024):
+def matmul_shapes(widths=(768, 1024, 1280, 1600), tokens=16384, token_group=1024):
     """The int8 matmuls of a training step of GPT-2's four Linears at these widths, as training
     asks for them: (M, N, K, out_dtype, k_group). Forward outputs bf16 (autocast); dX comes out
     in X's dtype: fp32 where X is LayerNorm's output (c_attn, c_fc), bf16 where it is attention's
@@ -1034,15 +1050,21 @@ def tune():
     for (M, N, K), variants in by_shape.items():
         a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
         b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda").t()
-        timed = []
+        timed, seen = [], set()
         for entry in [(kind, *blocks) for kind in kinds for blocks in grid]:
             table[(M, N, K)] = entry
-            total = 0.0
+            total, launches = 0.0, []
             for out_dtype, k_group in variants:
                 J = _k_groups(K, k_group)[1]
                 sa, sb = torch.rand(J, M, device="cuda"), torch.rand(J, N, device="cuda")
-                _, launch = int8_matmul_plan(a, sa, b, sb, None, out_dtype, k_group, None, gpu)
-                triton.set_allocator(_scratch)
+                launches.append(int8_matmul_plan(a, sa, b, sb, None, out_dtype, k_group, None,
+                                                 gpu)[1])
+            fitted = repr([(launch.kernel.__name__, sorted(launch.meta.items()))
+                           for launch in launches])
+            if fitted in seen:  # another entry that fits to the same launches
+                continue
+            seen.add(fitted)
+            for launch in launches:
                 try:
                     compiled = launch()
                 except Exception as e:  # e.g. out of shared memory on this GPU

@@ -70,7 +70,8 @@ class RecordingBackend:
 
     def _record(self, op, args, kwargs):
         def describe(v):
-            return ("tensor", tuple(v.shape), v.stride(), v.dtype) if torch.is_tensor(v) else v
+            return (("tensor", tuple(v.shape), v.stride(), v.dtype, v.storage_offset())
+                    if torch.is_tensor(v) else v)
         self.calls.append((op, tuple(describe(a) for a in args),
                            {k: describe(v) for k, v in kwargs.items()}))
 
@@ -87,8 +88,10 @@ class RecordingBackend:
 
 def materialize(v):
     """A recorded value, its tensors as meta tensors of the same shape, strides and dtype."""
-    if isinstance(v, tuple) and v and v[0] == "tensor":
-        return torch.empty_strided(v[1], v[2], dtype=v[3], device="meta")
+    if isinstance(v, tuple) and v and v[0] == "tensor":  # the offset moves data_ptr: alignment
+        size = v[4] + sum((n - 1) * s for n, s in zip(v[1], v[2])) + 1 if all(v[1]) else v[4]
+        base = torch.empty(size, dtype=v[3], device="meta")
+        return base.as_strided(v[1], v[2], v[4])
     return v
 
 
@@ -170,7 +173,8 @@ def adamw_launches(params, gpu, block_size=qgpt.Config.state_block_size):
 
 
 def check_and_bench_launches(gpu):
-    """`python kernels.py`'s: the checks' launches, then the benchmark's matmuls and quantizers."""
+    """`python kernels.py`'s: the checks' launches, then the benchmark's matmuls (its quantizers
+    are the step's and the rows-only launches)."""
     launches = []
     plans = {kernels.quantize_dual: kernels.quantize_dual_plan,
              kernels.int8_matmul: kernels.int8_matmul_plan}
@@ -207,7 +211,7 @@ def compile_launch(launch, gpu, cache):
     options, signature, constexprs, attrs = fn._pack_args(backend, launch.meta, bound,
                                                           specialization, options)
     source = ASTSource(fn, signature, constexprs, attrs)
-    key = (gpu.name, source.hash(), repr(sorted(options.__dict__.items())))
+    key = (target.arch, source.hash(), repr(sorted(options.__dict__.items())))
     if key in cache:
         return cache[key]
     log = io.StringIO()
@@ -234,8 +238,7 @@ def compile_launch(launch, gpu, cache):
 def inspect(label, launch, gpu, compiled):
     """One row of the report: the checks' fields and the estimate."""
     row = {"arch": gpu.name, "launch": label, "kernel": launch.kernel.__name__,
-           "config": {k: v for k, v in launch.meta.items() if not k.startswith("enable")},
-           "grid": list(launch.grid)}
+           "config": dict(launch.meta), "grid": list(launch.grid)}
     row.update(estimate(launch))
     is_matmul = launch.kernel in (kernels.int8_matmul_kernel, kernels.int8_matmul_tma_kernel)
     if "error" in compiled:
@@ -243,9 +246,11 @@ def inspect(label, launch, gpu, compiled):
         return row
     kernel, log, ptx = compiled["kernel"], compiled["log"], compiled["kernel"].asm["ptx"]
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    wgmma = re.findall(r"wgmma\.mma_async\S*\.s8", ptx)
+    mma_sync = re.findall(r"mma\.sync\.aligned\S*\.s8", ptx)
     registers = re.findall(r"Used (\d+) registers", log)
     waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
-    int8_mma = len(re.findall(r"wgmma\.mma_async\S*\.s8|mma\.sync\.aligned\S*\.s8", ptx))
+    int8_mma = len(wgmma if gpu.capability >= (9, 0) else mma_sync)  # Hopper: wgmma, not mma.sync
     tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
     row.update(compile_s=round(compiled["compile_s"], 2),
                registers=int(registers[0]) if registers else None, spill_bytes=sum(spills),
@@ -257,11 +262,14 @@ def inspect(label, launch, gpu, compiled):
     if row["spill_bytes"]:
         failures.append(f"{row['spill_bytes']} B of register spills")
     if is_matmul and not int8_mma:
-        failures.append("no int8 tensor-core instruction")
+        failures.append("no int8 " + ("wgmma" if gpu.capability >= (9, 0) else "mma.sync")
+                        + " instruction")
+    if launch.meta.get("enable_fp_fusion", True):
+        failures.append("enable_fp_fusion is not False: the epilogue may round unlike PyTorch")
     if tma and gpu.capability < (9, 0):
         failures.append("TMA below sm90")
-    if registers == []:
-        failures.append("no ptxas log: registers and spills unknown")
+    if not registers or len(spills) != 2:
+        failures.append("no ptxas log of registers and spills: both unknown")
     row["failures"] = failures
     return row
 
@@ -297,7 +305,9 @@ def run_gate(archs, widths, log=print):
             params += width_params
         launches += adamw_launches(params, gpu) + check_and_bench_launches(gpu)
         for label, launch in launches:
-            row = inspect(label, launch, gpu, compile_launch(launch, gpu, cache))
+            compiled = compile_launch(launch, gpu, cache)
+            row = inspect(label, launch, gpu, compiled)
+            row["compile_key"] = repr(compiled["key"][1:])
             rows.append(row)
             log(format_row(row))
     return rows
@@ -363,8 +373,9 @@ def summary(rows, widths):
 def self_test(log=print):
     """The gate can fail: it must reject two plans and pass the two they come from. On sm90, c_fc's
     dX (16384 x 768 x 3072, fp32 out, as after LayerNorm) with one stage more than its plan has,
-    and the MLP c_proj's dW (768 x 3072 x 16384 in K-groups of 1024) on the 128 x 256 tile its plan
-    narrows (the int32 sums and the fp32 sums both in registers). Returns what it got wrong."""
+    and the MLP c_proj's dW (768 x 3072 x 16384 in K-groups of 1024) on a 128 x 256 tile of 4
+    warps (the int32 and the fp32 sums, 256 values a thread each: spills on any Triton). Returns
+    what it got wrong."""
     gpu, cache, wrong = kernels.GPUS["sm90"], {}, []
 
     def codes(rows, cols):  # int8 codes, and the K-major view of their transpose
@@ -380,8 +391,8 @@ def self_test(log=print):
              ("c_fc dX, one stage more (must fail)", dx._replace(meta=dict(
                  dx.meta, num_stages=dx.meta["num_stages"] + 1)), "shared memory"),
              ("c_proj dW, its plan", dw, None),
-             ("c_proj dW, BLOCK_N 256 (must fail)", dw._replace(meta=dict(dw.meta, BLOCK_N=256)),
-              "spills")]
+             ("c_proj dW, 128 x 256 on 4 warps (must fail)", dw._replace(
+                 meta=dict(dw.meta, BLOCK_N=256, num_warps=4)), "spills")]
     for name, launch, expected in cases:
         row = inspect(f"self-test: {name}", launch, gpu, compile_launch(launch, gpu, cache))
         log(format_row(row))
@@ -423,8 +434,8 @@ def main(argv=None):
     for line in summary(rows, widths):
         print(line)
     failed = [r for r in rows if r["failures"]]
-    compiles = len({(r["arch"], r["launch"]) for r in rows})
-    print(f"{len(rows) - len(failed)} of {len(rows)} launches pass ({compiles} labels), "
+    compiles = len({(r["arch"], r["compile_key"]) for r in rows if "compile_key" in r})
+    print(f"{len(rows) - len(failed)} of {len(rows)} launches pass ({compiles} compiles), "
           f"{time.perf_counter() - start:.0f} s" + (f"; {len(failed)} FAIL" if failed else ""))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,7 @@
 #!/bin/bash
 # The first H200 call of the int8 data flow (issue 20, first run): about 8 minutes, no autotuning
-# (kernel blocks come from kernels.MATMUL_TABLE). Run it with the device tool as
+# (kernel blocks come from kernels.py's launch plans, which tools/gate.py compiled for sm90 first).
+# Run it with the device tool as
 #   run(command="bash tools/results/gpu/h200_run1.sh", carry=[".whl"], timeout_s=560)
 # after `pip download` of torchao 0.18.0's wheel into .whl/ (README, GPU record). Dry run on a CPU:
 #   OUT=/tmp/out BENCH_MODEL=tiny BENCH_STEPS=2 bash tools/results/gpu/h200_run1.sh

@@ -108,8 +108,8 @@ def int8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.flo
     a_scale (J, M) and b_scale (J, N) (one group: M and N elements in any shape):
         C = sum over groups j, in order, of fp32(A[:, Kj] @ B[Kj, :]) * a_scale[j][:, None]
             * b_scale[j][None, :]   (fp32, starting from 0), then + bias, then out_dtype.
-    The integer sums are exact (int32 in the kernels; here fp32 up to 1024 products, |sum| <= 2^24,
-    else float64). out_dtype=torch.int32 returns the raw sums of one group.
+    The integer sums are exact (int32 in the kernels; here fp32 matmuls of up to 1024 products,
+    |sum| <= 2^24, added in int32). out_dtype=torch.int32 returns the raw sums of one group.
     """
     M, K = a.shape
     N = b.shape[1]
@@ -118,17 +118,27 @@ def int8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.flo
         if n_groups > 1:
             raise ValueError(f"int32 output needs one K-group of at most {MAX_K}: the int32 sums "
                              f"could overflow (K = {K}); ask for a float out_dtype")
-        return (a.double() @ b.double()).to(torch.int32)
-    exact = torch.float32 if group <= 1024 or a.device.type == "mps" else torch.float64
+        return _int_sums(a, b)
     a_scale = _group_scales(a_scale, n_groups, M)
     b_scale = _group_scales(b_scale, n_groups, N)
     with torch.autocast(a.device.type, enabled=False):  # fp32, also inside a bf16 autocast
         out = torch.zeros(M, N, device=a.device)
         for j in range(n_groups):
             ks = slice(j * group, (j + 1) * group)
-            partial = (a[:, ks].to(exact) @ b[ks].to(exact)).float()  # exact integers -> fp32
+            partial = _int_sums(a[:, ks], b[ks]).float()  # exact integers -> fp32 (rounded once)
             out = out + partial * a_scale[j].view(-1, 1) * b_scale[j].view(1, -1)
         return (out if bias is None else out + bias.float()).to(out_dtype)
+
+
+def _int_sums(a, b, chunk=1024):
+    """int8 A (M, K) @ B (K, N) as exact int32 sums, without int or float64 matmuls (neither runs
+    everywhere: Apple's GPUs have no float64): fp32 matmuls over chunks of 1,024 along K, each
+    exact (|sum| <= 1024 * 2^14 = 2^24), added in int32."""
+    sums = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    with torch.autocast(a.device.type, enabled=False):
+        for k0 in range(0, a.shape[1], chunk):
+            sums += (a[:, k0:k0 + chunk].float() @ b[k0:k0 + chunk].float()).to(torch.int32)
+    return sums
 
 
 def _k_groups(K, k_group):

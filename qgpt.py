@@ -583,8 +583,26 @@ def round_stochastic_bf16(x, generator):
 
 def sqrt_rn(x):
     """fp32 square root, correctly rounded everywhere (PyTorch's CPU kernel can be 1 ulp off; the
-    fused AdamW of kernels.py is exact, and 8/4-bit states must not depend on where they ran)."""
-    return x.double().sqrt().float()
+    fused AdamW of kernels.py is exact, and 8/4-bit states must not depend on where they ran), in
+    integers, with no float64 (Apple's GPUs have none): x = m 2^e with a 24-bit m; the integer
+    square root q of n = m 2^24 (e even) or m 2^23 (e odd), rounded to nearest (sqrt(n) >= q + 1/2
+    exactly when n - q^2 > q), times 2^((e + odd) / 2 - 12). Subnormals are scaled by 2^64 first."""
+    x = x.float()
+    tiny = x < 2.0 ** -126  # subnormals (and 0, negatives): into the normal range, exactly
+    bits = torch.where(tiny, x * 2.0 ** 64, x).view(torch.int32)
+    exponent = ((bits >> 23) & 255) - 150  # x = m * 2^exponent, m in [2^23, 2^24)
+    m = ((bits & 0x7FFFFF) | 0x800000).to(torch.int64)
+    odd = exponent & 1
+    n = m << (24 - odd)  # in [2^46, 2^48): its square root has 24 bits
+    q = torch.sqrt(n.float()).to(torch.int64)  # within 2 of floor(sqrt(n))
+    for _ in range(2):
+        q = q - (q * q > n).long()
+        q = q + ((q + 1) * (q + 1) <= n).long()
+    q = q + (n - q * q > q).long()  # to nearest (a tie is impossible: n is an integer)
+    shift = (exponent + odd) // 2 - 12 - torch.where(tiny, 32, 0)
+    root = q.float() * ((shift + 127) << 23).to(torch.int32).view(torch.float32)  # * 2^shift
+    root = torch.where((x == 0) | (x == float("inf")), x, root)  # +-0, inf: themselves
+    return torch.where((x < 0) | x.isnan(), torch.full_like(x, float("nan")), root)
 
 
 def _state_rows(x, granularity, block_size):

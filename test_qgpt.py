@@ -990,6 +990,69 @@ def test_adam_state_rounds_ties_to_even(bits):
             f"bytes {want_bytes}) expected, got scale {state['scale'].item()}, codes {got}"
 
 
+def test_sqrt_rn_is_correctly_rounded_without_float64():
+    """qgpt.sqrt_rn (integer arithmetic, no float64) equals float64's sqrt rounded to fp32 on every
+    class of fp32: random bit patterns over the whole positive range, subnormals, powers of two,
+    squares and their neighbours one ulp away (where a wrong rounding shows), the largest and
+    smallest values, +-0, inf, NaN and negatives (NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    every_other = torch.tensor([2.0 ** e for e in range(-149, 128)])
+    squares = torch.arange(1, 4096).float() ** 2
+    x = torch.cat([
+        torch.randint(0, 0x7F800000, (500_000,), generator=gen, dtype=torch.int32).view(torch.float32),
+        torch.arange(1, 0x800000, 97, dtype=torch.int32).view(torch.float32), every_other, squares,
+        torch.nextafter(squares, torch.tensor(float("inf"))), torch.nextafter(squares, torch.tensor(0.0)),
+        torch.tensor([0.0, -0.0, float("inf"), float("nan"), -1.0, -float("inf"), 3.4028235e38,
+                      1.1754944e-38, 1.4e-45])])
+    got, want = qgpt.sqrt_rn(x), x.double().sqrt().float()
+    problem = _difference(got, want, "sqrt_rn")
+    assert not problem, f"{problem} (expected: float64's sqrt rounded to fp32)"
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32)), "the sign of 0 and NaN's bits"
+
+
+@contextlib.contextmanager
+def _float64_forbidden():
+    """Fail on any operation that takes or makes a float64 tensor, as a GPU without float64
+    (Apple's) would."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoFloat64(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            if any(torch.is_tensor(t) and t.dtype == torch.float64 for t in flat):
+                raise AssertionError(f"{func} uses float64, which Apple's GPUs do not have")
+            return out
+    with NoFloat64():
+        yield
+
+
+def test_no_float64_on_the_training_path():
+    """With float64 forbidden: a low-bit Adam step for each v map (8 and 4 bits), a step of the
+    paper recipe and one of the int8 recipe whose dW sums 1,100 tokens in one group (the
+    reference's exact integer sums past 1,024 products). The same results as without the ban."""
+    def run():
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(40, 24))
+        results = []
+        for bits, v_map in [(8, "sqrt"), (4, "zerofree"), (8, "linear")]:
+            opt = QAdamW([p], lr=1e-2, m_bits=bits, v_bits=bits, v_map=v_map, min_size=0)
+            p.grad = torch.randn(40, 24)
+            opt.step()
+            results.append(p.detach().clone())
+        for cfg in (Config(wbits=8, abits=8, gbits=8), Config(**qgpt.PRESETS["int8"], token_group=0)):
+            _, layer = _linear_pair(cfg)
+            x, g = torch.randn(1100, 24), torch.randn(1100, 16)
+            results += [t for t in _grads(layer, x, g) if t is not None]
+        return results
+    free = run()
+    with _float64_forbidden():
+        banned = run()
+    for i, (a, b) in enumerate(zip(banned, free)):
+        problem = _difference(a, b, f"result {i}")
+        assert not problem, f"with float64 forbidden: {problem}"
+
+
 def test_adam_state_linear_map_zero_point_problem():
     v = torch.tensor([1.0] + [1e-6] * 255)
     v_hat = qgpt.decode_state(qgpt.encode_state(v, 8, False, "tensor", v_map="linear"), v.shape, 8, False)

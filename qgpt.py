@@ -90,6 +90,10 @@ class Config:
     allow_config_change: bool = opt(False, "resume with another quantization than the checkpoint's")
     # system
     device: str = opt("auto", "auto | cpu | cuda | mps")
+    dtype: str = opt("auto", "matmul precision: auto (bf16 autocast on GPUs with bf16 tensor cores, "
+                     "fp16 with loss scaling on older ones, fp32 on CPU and MPS) | float32 | "
+                     "bfloat16 | float16 (with loss scaling)",
+                     ["auto", "float32", "bfloat16", "float16"])
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(1337, "seed for init, batches and dropout")
     # quantized Linears (PaperRecipe, Int8Recipe); bits >= 16: that operand is not quantized
@@ -822,9 +826,26 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
-def autocast_context(device):
-    """bf16 autocast on CUDA (fp32 master weights); plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast_dtype(cfg, device):
+    """The dtype the matmuls run in: --dtype, or auto's: bf16 on a CUDA GPU with bf16 tensor cores
+    (sm80+), fp16 on an older one (a T4, a V100), fp32 on a CPU or a Mac (MPS)."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def autocast_context(device, dtype=torch.float32):
+    """Autocast to dtype on the device (fp32 master weights); fp32: plain, no autocast."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def make_scaler(device, dtype):
+    """fp16's loss scaler (its 5 exponent bits underflow small gradients): the loss is multiplied
+    by a scale before the backward, the gradients divided by it before the step; a step whose
+    gradients overflow is skipped and the scale halved. Off (a no-op) for other dtypes."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 @torch.no_grad()
@@ -837,7 +858,7 @@ def evaluate(model, data, cfg, device):
         losses = []
         for _ in range(cfg.eval_iters):
             x, y = get_batch(data[split], cfg.batch_size, cfg.block_size, gen, device)
-            with autocast_context(device):  # the precision training runs in
+            with autocast_context(device, autocast_dtype(cfg, device)):  # training's precision
                 losses.append(model(x, y)[1].item())
         out[split] = sum(losses) / len(losses)
     model.train()
@@ -855,10 +876,13 @@ def train(cfg, stop_at=None):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     model = build_model(cfg, meta["vocab_size"], device)
     optimizer = make_optimizer(model, cfg)
+    dtype = autocast_dtype(cfg, device)
+    scaler = make_scaler(device, dtype)
+    print(f"matmuls in {str(dtype)[6:]}" + (" with loss scaling" if scaler.is_enabled() else ""))
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     start, best_val = 0, float("inf")
     if cfg.init_from == "resume":
-        start, best_val = resume(ckpt_path, cfg, meta, model, optimizer, batch_gen)
+        start, best_val = resume(ckpt_path, cfg, meta, model, optimizer, batch_gen, scaler)
     else:
         torch.manual_seed(cfg.seed)
     make_out_dir(cfg)
@@ -866,7 +890,8 @@ def train(cfg, stop_at=None):
     run_model, step_model = wrap_model(model, cfg, world, device)  # compiled, and DDP
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))
-    history = {"losses": [], "evals": [], "skipped": 0, "diverged_at": None, "tokens_per_s": 0.0}
+    history = {"losses": [], "evals": [], "skipped": 0, "scaler_skips": 0, "diverged_at": None,
+               "tokens_per_s": 0.0}
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     t0 = t_start = time.time()
     try:
@@ -879,7 +904,8 @@ def train(cfg, stop_at=None):
                 best_val = min(best_val, losses["val"])
                 print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if (it > start or stop["signal"]) and rank == 0:
-                    save_checkpoint(ckpt_path, model, optimizer, cfg, it, best_val, batch_gen, meta)
+                    save_checkpoint(ckpt_path, model, optimizer, cfg, it, best_val, batch_gen, meta,
+                                    scaler)
                 if stop["signal"]:
                     print(f"interrupted: saved step {it} to {ckpt_path}; continue with --init_from "
                           f"resume")
@@ -899,13 +925,22 @@ def train(cfg, stop_at=None):
                         continue  # another process computes this micro-batch
                     last = micro + world >= cfg.grad_accum  # DDP syncs gradients on the last one
                     with nullcontext() if last or world == 1 else step_model.no_sync():
-                        with autocast_context(device):
+                        with autocast_context(device, dtype):
                             _, loss = step_model(x, y)
-                        (loss * world / cfg.grad_accum).backward()  # DDP averages over processes
+                        # DDP averages over processes; fp16: the scaled loss
+                        scaler.scale(loss * world / cfg.grad_accum).backward()
                     loss_sum += loss.item() / cfg.grad_accum
             loss_sum = _all_reduce(loss_sum, world)
             clip = cfg.grad_clip or math.inf  # 0: no clipping
+            scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping them
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if scaler.is_enabled() and math.isfinite(loss_sum) and not torch.isfinite(grad_norm):
+                scaler.update()  # the scaled gradients overflowed fp16: halve the scale, skip
+                optimizer.zero_grad(set_to_none=True)
+                history["scaler_skips"] += 1
+                print(f"step {it}: fp16 gradients overflowed, step skipped, loss scale now "
+                      f"{scaler.get_scale():g}")
+                continue
             if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 if not cfg.skip_nonfinite:
@@ -918,7 +953,8 @@ def train(cfg, stop_at=None):
                 print(f"step {it}: non-finite loss or gradient, step skipped "
                       f"({history['skipped']} so far)")
                 continue
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), the gradients unscaled already
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             history["losses"].append(loss_sum)
             if diag_step:
@@ -951,7 +987,7 @@ def sample(cfg, model=None, meta=None):
     start = torch.tensor([encode(cfg.prompt) or [0]], dtype=torch.long, device=device)
     texts = []
     for _ in range(cfg.num_samples):
-        with autocast_context(device):
+        with autocast_context(device, autocast_dtype(cfg, device)):
             out = model.generate(start, cfg.max_new_tokens, cfg.temperature, cfg.top_k, gen)
         texts.append(decode(out[0].tolist()))
         print(texts[-1] + "\n" + "-" * 40)
@@ -1224,11 +1260,12 @@ def make_out_dir(cfg):
         print(f"note: this run replaces {ckpt} (another --out_dir keeps it)")
 
 
-def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta):
+def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta, scaler=None):
     """Write to a temporary file, then rename: a crash leaves the previous checkpoint intact."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "config": dataclasses.asdict(cfg), "iter": it, "best_val": best_val, "meta": meta,
-            "rng_cpu": torch.get_rng_state(), "rng_batches": batch_gen.get_state()}
+            "rng_cpu": torch.get_rng_state(), "rng_batches": batch_gen.get_state(),
+            "scaler": scaler.state_dict() if scaler is not None else {}}
     if torch.cuda.is_available():
         ckpt["rng_cuda"] = torch.cuda.get_rng_state_all()
     tmp = path + ".tmp"
@@ -1287,7 +1324,7 @@ def check_resume(ckpt, cfg, meta):
     return list(changes)
 
 
-def resume(path, cfg, meta, model, optimizer, batch_gen):
+def resume(path, cfg, meta, model, optimizer, batch_gen, scaler=None):
     """Load a checkpoint into the model, optimizer and random streams; returns (step, best val)."""
     ckpt = load_checkpoint(path)
     changed = check_resume(ckpt, cfg, meta)
@@ -1300,6 +1337,8 @@ def resume(path, cfg, meta, model, optimizer, batch_gen):
         optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng_cpu"])
     batch_gen.set_state(ckpt["rng_batches"])
+    if scaler is not None and scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale goes on where it was
     if "rng_cuda" in ckpt and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
     print(f"resumed from {path} at step {ckpt['iter']}")

@@ -1140,9 +1140,14 @@ def test_two_cpu_runs_are_bit_identical(char_data):
     assert first["evals"][-1][2] < first["evals"][0][2], "val loss must fall"
 
 
-@pytest.mark.parametrize("preset", ["baseline", "int8,adam4"])
-def test_checkpoint_resume_matches_uninterrupted(char_data, preset):
-    over = {k: v for name in preset.split(",") for k, v in qgpt.PRESETS[name].items()}
+@pytest.mark.parametrize("preset", ["baseline", "int8,adam4", "w8a8g8,fp16"])
+def test_checkpoint_resume_matches_uninterrupted(char_data, preset, monkeypatch):
+    """A run stopped at step 10 and resumed gives the uninterrupted run's losses; fp16: with a loss
+    scale that changes every 3 steps, which the checkpoint must carry."""
+    monkeypatch.setattr(qgpt, "make_scaler", lambda device, dtype: torch.amp.GradScaler(
+        device.type, init_scale=2.0 ** 10, growth_interval=3, enabled=dtype == torch.float16))
+    over = {k: v for name in preset.split(",") if name != "fp16" for k, v in qgpt.PRESETS[name].items()}
+    over.update(dtype="float16" if "fp16" in preset else "auto")
     _, full = qgpt.train(tiny_cfg(char_data, dropout=0.1, **over))
     half = tiny_cfg(char_data, dropout=0.1, out_dir=str(char_data / "half"), **over)
     assert qgpt.train(half, stop_at=10)[1]["losses"] == full["losses"][:10]
@@ -2212,16 +2217,68 @@ def test_sim_backend_matmul_is_fp32_under_autocast():
 
 def test_evaluate_runs_in_training_precision(char_data, monkeypatch):
     entered = []
+    real = qgpt.autocast_context
 
-    def recording(device):
-        entered.append(device.type)
-        return contextlib.nullcontext()
+    def recording(device, dtype=torch.float32):
+        entered.append(dtype)
+        return real(device, dtype)
     monkeypatch.setattr(qgpt, "autocast_context", recording)
-    cfg = tiny_cfg(char_data)
+    cfg = tiny_cfg(char_data, dtype="bfloat16")
     data, meta = qgpt.load_data(cfg)
     model = qgpt.GPT(cfg, meta["vocab_size"])
     qgpt.evaluate(model, data, cfg, torch.device("cpu"))
-    assert len(entered) == 2 * cfg.eval_iters, "evaluate must run each batch in autocast_context, as training"
+    assert entered == [torch.bfloat16] * 2 * cfg.eval_iters, \
+        f"evaluate must run each batch in training's autocast (--dtype bfloat16): {set(entered)}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("preset", ["w8a8g8", "int8"])
+def test_dtype_runs_both_recipes(char_data, dtype, preset):
+    """--dtype on a CPU (its autocast and its GradScaler): both recipes train, the quantized
+    Linears' matmuls run in the dtype asked for (their outputs are in it), and the loss falls."""
+    cfg = tiny_cfg(char_data, preset=preset, dtype=dtype, max_iters=12, eval_interval=12,
+                   **qgpt.PRESETS[preset])
+    seen = set()
+    real_linear = qgpt.QLinear.forward
+
+    def forward(self, x):
+        y = real_linear(self, x)
+        seen.add(y.dtype)
+        return y
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qgpt.QLinear, "forward", forward)
+        _, history = qgpt.train(cfg)
+    assert seen == {getattr(torch, dtype)}, f"--dtype {dtype}: the quantized matmuls gave {seen}"
+    assert history["diverged_at"] is None and len(history["losses"]) == 12
+    assert history["evals"][-1][2] < history["evals"][0][2], f"{preset} {dtype}: {history['evals']}"
+
+
+def test_dtype_auto_picks_by_device(monkeypatch):
+    """auto: bf16 on a CUDA GPU with bf16 tensor cores (sm80+), fp16 below (a T4 is sm75),
+    fp32 on a CPU and on a Mac; an explicit --dtype wins."""
+    cfg = Config()
+    assert qgpt.autocast_dtype(cfg, torch.device("cpu")) == torch.float32
+    assert qgpt.autocast_dtype(cfg, torch.device("mps")) == torch.float32
+    for capability, want in [((7, 5), torch.float16), ((7, 0), torch.float16),
+                             ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        got = qgpt.autocast_dtype(cfg, torch.device("cuda"))
+        assert got == want, f"sm{capability[0]}{capability[1]}: {got}, expected {want}"
+    assert qgpt.autocast_dtype(Config(dtype="float16"), torch.device("cuda")) == torch.float16
+
+
+def test_fp16_overflow_skips_a_step_without_stopping(char_data, monkeypatch, capsys):
+    """fp16 with a loss scale so large that the first gradients overflow: those steps are skipped
+    and the scale halved (not taken for a divergence), then training goes on and learns."""
+    monkeypatch.setattr(qgpt, "make_scaler", lambda device, dtype: torch.amp.GradScaler(
+        device.type, init_scale=2.0 ** 40, enabled=dtype == torch.float16))
+    _, history = qgpt.train(tiny_cfg(char_data, dtype="float16", max_iters=40, eval_interval=40))
+    out = capsys.readouterr().out
+    assert history["scaler_skips"] >= 1 and "fp16 gradients overflowed, step skipped" in out, \
+        "a loss scale of 2^40 must overflow fp16's gradients at first"
+    assert history["diverged_at"] is None and history["skipped"] == 0
+    assert len(history["losses"]) == 40 - history["scaler_skips"]
+    assert history["evals"][-1][2] < history["evals"][0][2], f"it must still learn: {history['evals']}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,11 @@ TORCHAO = 1  # the index of torchao's row
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
 
 
+def precision(device):
+    """What every row runs in: bf16 autocast on a GPU (as training does on sm80+), fp32 on a CPU."""
+    return qgpt.autocast_context(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def version(package):
     try:
         return importlib.metadata.version(package)  # installed, whether or not imported yet
@@ -124,11 +129,11 @@ def linear_step_kernels(make_linear, tokens, n_in, n_out, device):
     torch.manual_seed(0)
     layer = make_linear(n_in, n_out).to(device)
     x = torch.randn(tokens, n_in, device=device, requires_grad=True)
-    with qgpt.autocast_context(device):  # G in the dtype of Y: no cast inside the counted step
+    with precision(device):  # G in the dtype of Y: no cast inside the counted step
         g = torch.randn(tokens, n_out, device=device).to(layer(x).dtype)
 
     def step():
-        with qgpt.autocast_context(device):
+        with precision(device):
             y = layer(x)
         y.backward(g)
     step()  # W's codes are made once per optimizer step: not counted
@@ -278,7 +283,7 @@ def make_step(model, optimizer, batches, device, compile_mode):
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's buffers may go
         x, y = batches[state["i"] % len(batches)]
         state["i"] += 1
-        with qgpt.autocast_context(device):
+        with precision(device):
             loss = run_model(x, y)[1]
         loss.backward()
         optimizer.step()

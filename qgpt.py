@@ -90,9 +90,9 @@ class Config:
     allow_config_change: bool = opt(False, "resume with another quantization than the checkpoint's")
     # system
     device: str = opt("auto", "auto | cpu | cuda | mps")
-    dtype: str = opt("auto", "matmul precision: auto (bf16 autocast on GPUs with bf16 tensor cores, "
-                     "fp16 with loss scaling on older ones, fp32 on CPU and MPS) | float32 | "
-                     "bfloat16 | float16 (with loss scaling)",
+    dtype: str = opt("auto", "matmul precision: auto (bf16 autocast on GPUs with bf16 tensor "
+                     "cores, fp16 with loss scaling on older ones, fp32 on CPU and MPS) | "
+                     "float32 | bfloat16 | float16 (with loss scaling)",
                      ["auto", "float32", "bfloat16", "float16"])
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(1337, "seed for init, batches and dropout")

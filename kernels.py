@@ -711,7 +711,8 @@ def _fit_tile(kernel, bm, bn, bk, stages, warps, out_bytes, grouped, aligned, gp
      2. registers: at most ACC_PER_THREAD[gpu] accumulator values a thread (half if K-grouped):
         more warps (up to 8), then narrower tiles;
      3. ragged strides (a row stride or address not a multiple of 16 bytes) load element by
-        element, a pointer each: BLOCK_K cut to LOADS_PER_THREAD elements a thread a stage;
+        element, a pointer each: BLOCK_K (down to 32), then the tile's wider side, cut to
+        LOADS_PER_THREAD elements a thread a stage;
      4. shared memory: a 4-byte output leaves the TMA kernel in two halves; then stages (down to
         2), then BLOCK_K (down to 32) are cut until matmul_shared_memory fits the GPU."""
     if gpu.capability < (9, 0):
@@ -724,8 +725,13 @@ def _fit_tile(kernel, bm, bn, bk, stages, warps, out_bytes, grouped, aligned, gp
             bn //= 2
         else:
             bm //= 2
-    while not aligned and (bm + bn) * bk // (32 * warps) > LOADS_PER_THREAD and bk > 32:
-        bk //= 2
+    while not aligned and (bm + bn) * bk // (32 * warps) > LOADS_PER_THREAD:
+        if bk > MIN_K_GROUP:
+            bk //= 2
+        elif max(bm, bn) > 64:  # then the wider side of the tile
+            bm, bn = (bm, bn // 2) if bn >= bm else (bm // 2, bn)
+        else:
+            break
     split = 2 if kernel == "tma" and out_bytes == 4 else 1
     while matmul_shared_memory(kernel, bm, bn, bk, stages, out_bytes, split, gpu) > \
             gpu.shared_memory:

@@ -29,6 +29,7 @@ Course seams: the functions under a `# SEAM: <name>` comment (`python -m tools.c
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -887,6 +888,8 @@ def train(cfg, stop_at=None):
         torch.manual_seed(cfg.seed)
     make_out_dir(cfg)
     print(memory_table(model, optimizer))
+    metrics = open_metrics(cfg, start, model, device, dtype) if rank == 0 else None
+    flops_per_step = flops_per_token(model, cfg) * cfg.batch_size * cfg.block_size * cfg.grad_accum
     run_model, step_model = wrap_model(model, cfg, world, device)  # compiled, and DDP
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))
@@ -901,6 +904,8 @@ def train(cfg, stop_at=None):
             if it % cfg.eval_interval == 0 or it == cfg.max_iters or stop["signal"]:
                 losses = evaluate(run_model, data, cfg, device)
                 history["evals"].append((it, losses["train"], losses["val"]))
+                log_metrics(metrics, kind="eval", step=it, tokens=it * tokens_per_step,
+                            train_loss=losses["train"], val_loss=losses["val"])
                 best_val = min(best_val, losses["val"])
                 print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if (it > start or stop["signal"]) and rank == 0:
@@ -962,8 +967,14 @@ def train(cfg, stop_at=None):
             if (it + 1) % cfg.log_interval == 0:
                 dt = (time.time() - t0) / cfg.log_interval
                 t0 = time.time()
+                peak = peak_flops(device, dtype)
+                mfu, mem = flops_per_step / dt / peak if peak else None, peak_memory_mib(device)
                 print(f"step {it + 1}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
-                      f"{tokens_per_step / dt:.0f} tokens/s")
+                      f"{tokens_per_step / dt:.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else "")
+                      + (f", peak memory {mem:,.0f} MiB" if mem else ""))
+                log_metrics(metrics, kind="train", step=it + 1, tokens=(it + 1) * tokens_per_step,
+                            loss=loss_sum, lr=lr, ms_per_step=dt * 1000,
+                            tokens_per_s=tokens_per_step / dt, mfu=mfu, peak_memory_mib=mem)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     elapsed = max(time.time() - t_start, 1e-9)
@@ -1246,6 +1257,68 @@ def build_model(cfg, vocab_size, device):
         print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} "
               f"g{cfg.gbits}){head}")
     return model.to(device)
+
+
+def flops_per_token(model, cfg):
+    """nanoGPT's estimate (PaLM appendix B): 6 N + 12 L H Q T per token, forward and backward."""
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+# dense bf16 / fp16 tensor-core peaks (FLOP/s) of the GPUs whose name holds the key
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "L4": 121e12,
+              "A10": 125e12, "4090": 165e12, "3090": 71e12, "T4": 65e12, "V100": 125e12}
+
+
+def peak_flops(device, dtype):
+    """The GPU's tensor-core peak for 16-bit matmuls, or None (unknown GPU, fp32, no GPU)."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def peak_memory_mib(device):
+    """The most memory the run has held: the GPU's allocator on CUDA, the process's resident
+    memory on a CPU (Linux, macOS); None elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if device.type != "cpu":
+        return None
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+
+def open_metrics(cfg, start, model, device, dtype):
+    """out_dir/metrics.jsonl, one JSON object a line: a new run writes the first (config, versions,
+    device); a resumed run keeps what the interrupted one logged up to its step (evaluations
+    before it: the resumed run evaluates that step again) and appends."""
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if cfg.init_from == "resume" and os.path.exists(path):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        kept = [r for r in records if r["kind"] == "run" or r["step"] < start
+                or (r["kind"] == "train" and r["step"] == start)]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        return path
+    triton = getattr(kernels.triton, "__version__", None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    with open(path, "w") as f:
+        f.write(json.dumps({"kind": "run", "config": dataclasses.asdict(cfg),
+                            "versions": {"torch": torch.__version__, "triton": triton,
+                                         "python": sys.version.split()[0]},
+                            "device": name, "dtype": str(dtype)[6:],
+                            "parameters": sum(p.numel() for p in model.parameters())}) + "\n")
+    return path
+
+
+def log_metrics(path, **record):
+    """Append one record to metrics.jsonl (None: not the logging process)."""
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def make_out_dir(cfg):

@@ -2267,6 +2267,25 @@ def test_dtype_auto_picks_by_device(monkeypatch):
     assert qgpt.autocast_dtype(Config(dtype="float16"), torch.device("cuda")) == torch.float16
 
 
+def test_int8_backend_below_sm80_is_the_simulation(monkeypatch, capsys):
+    """A T4 (sm75) or a V100 (sm70) has no int8 tensor cores for Triton: --backend auto says so in
+    one line and runs the simulation (the same numbers as the kernels); --backend triton is a
+    one-line error. sm80 and later with triton installed get the kernels."""
+    cfg = Config(**qgpt.PRESETS["int8"])
+    cuda = torch.device("cuda")
+    for capability in [(7, 5), (7, 0)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert qgpt.select_backend(cfg, cuda) is kernels.ReferenceBackend
+        out = capsys.readouterr().out.strip().splitlines()
+        assert out == ["backend: simulated int8 in PyTorch (GPU older than sm80 (no int8 tensor "
+                       "cores))"], f"sm{capability[0]}{capability[1]}, --backend auto: {out}"
+        with pytest.raises(qgpt.UserError, match="--backend triton needs a CUDA GPU \\(sm80\\+\\)"):
+            qgpt.select_backend(Config(**{**qgpt.PRESETS["int8"], "backend": "triton"}), cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    want = kernels.TritonBackend if kernels.triton is not None else kernels.ReferenceBackend
+    assert qgpt.select_backend(cfg, cuda) is want, "sm80 with triton: the kernels"
+
+
 def test_fp16_overflow_skips_a_step_without_stopping(char_data, monkeypatch, capsys):
     """fp16 with a loss scale so large that the first gradients overflow: those steps are skipped
     and the scale halved (not taken for a divergence), then training goes on and learns."""
@@ -2333,6 +2352,166 @@ def test_launch_plans_per_gpu():
     for gpu in kernels.GPUS.values():
         _, launch = kernels.quantize_dual_plan(x, 8, 1e-5, 1024, gpu=gpu)
         assert launch.meta.get("enable_fp_fusion") is False, f"quantize_dual on {gpu.name}"
+
+
+def _meta_operands(M, N, K, b_row_stride=None):
+    """Meta int8 A (M, K) and B (K, N): K-major (B = B^T's transpose), or B row-major with the
+    given row stride (a ragged layout when it is not a multiple of 16)."""
+    a = torch.empty(M, K, dtype=torch.int8, device="meta")
+    if b_row_stride is None:
+        return a, torch.empty(N, K, dtype=torch.int8, device="meta").t()
+    return a, torch.empty(K, b_row_stride, dtype=torch.int8, device="meta")[:, :N]
+
+
+@needs_triton
+def test_launch_plans_follow_the_table_and_ragged_strides():
+    """On sm90 each table entry's shape gets that entry, fitted (_fit_tile); a large shape off the
+    table gets the large default, a small one the small default. A row-major B whose rows are
+    ragged (3,070 bytes) gets the pointer kernel (TMA needs 16-byte rows), BLOCK_K >= 32 (an int8
+    dot's minimum) and at most LOADS_PER_THREAD loads a thread a stage, on every GPU."""
+    sm90 = kernels.GPUS["sm90"]
+    for (M, N, K), entry in kernels.MATMUL_TABLES["sm90"].items():
+        a, b = _meta_operands(M, N, K)
+        scale_m, scale_n = torch.empty(M, device="meta"), torch.empty(N, device="meta")
+        _, launch = kernels.int8_matmul_plan(a, scale_m, b, scale_n, None, torch.bfloat16, 0, None,
+                                             sm90)
+        kernel, *tile = kernels._fit_tile(*entry, 2, False, True, sm90)
+        assert launch.kernel.__name__ == f"int8_matmul_{'tma_' if kernel == 'tma' else ''}kernel" \
+            and list(_plan_tile(launch)[1:]) == tile, f"{(M, N, K)}: {_plan_tile(launch)}, table {entry}"
+    for (M, N, K), default in [((8192, 4096, 2048), 0), ((256, 256, 256), 1)]:
+        a, b = _meta_operands(M, N, K)
+        _, launch = kernels.int8_matmul_plan(a, torch.empty(M, device="meta"), b,
+                                             torch.empty(N, device="meta"), None, torch.bfloat16,
+                                             0, None, sm90)
+        want = kernels._fit_tile(*kernels.MATMUL_DEFAULT["sm90"][default], 2, False, True, sm90)
+        assert list(_plan_tile(launch)[1:]) == list(want[1:]), f"{(M, N, K)}: {_plan_tile(launch)}"
+    for gpu in kernels.GPUS.values():
+        a, b = _meta_operands(4096, 3070, 768, b_row_stride=3070)
+        _, launch = kernels.int8_matmul_plan(a, torch.empty(4096, device="meta"), b,
+                                             torch.empty(3070, device="meta"), None,
+                                             torch.float32, 0, None, gpu)
+        kernel, bm, bn, bk, stages, warps, _ = _plan_tile(launch)
+        assert kernel == "int8_matmul_kernel" and bk >= kernels.MIN_K_GROUP and stages >= 2 and \
+            (bm + bn) * bk // (32 * warps) <= kernels.LOADS_PER_THREAD, f"{gpu.name} ragged B: " \
+            f"{_plan_tile(launch)}"
+
+
+def test_tma_ok_needs_aligned_k_major_rows():
+    """TMA: A and B^T with contiguous rows, row strides and base addresses multiples of 16 bytes,
+    C's rows 16-byte aligned (bf16 C with 8 columns: yes; an int8 view one byte in: no)."""
+    a = torch.zeros(32, 64, dtype=torch.int8)
+    b = torch.zeros(16, 64, dtype=torch.int8).t()
+    assert kernels._tma_ok(a, b, torch.zeros(32, 8, dtype=torch.bfloat16)), "16-byte C rows"
+    assert not kernels._tma_ok(a, b, torch.zeros(32, 4, dtype=torch.bfloat16)), "8-byte C rows"
+    big = torch.zeros(32, 80, dtype=torch.int8)
+    assert not kernels._tma_ok(big[:, 1:65], b, torch.zeros(32, 8)), "A's base one byte in"
+    assert not kernels._tma_ok(a, torch.zeros(64, 16, dtype=torch.int8), torch.zeros(32, 16)), \
+        "B row-major: not K-major"
+
+
+@needs_triton
+def test_matmul_shared_memory_bounds_what_the_compiler_measured():
+    """matmul_shared_memory against metadata.shared measured by the compile gate (Triton 3.9 and
+    3.6 alike, tools/results/gpu/gate_triton3.9.txt): at least that, at most 2 KB more."""
+    gpus = kernels.GPUS
+    measured = [  # (kernel, BM, BN, BK, stages, output bytes, split, gpu, bytes measured)
+        ("tma", 128, 256, 128, 3, 2, 1, "sm90", 214_040), ("tma", 128, 256, 128, 3, 4, 2, "sm90", 214_040),
+        ("tma", 128, 128, 128, 3, 4, 2, "sm90", 131_096), ("tma", 128, 256, 128, 4, 4, 2, "sm90", 263_200),
+        ("tma", 128, 128, 256, 3, 2, 1, "sm90", 229_400), ("pointer", 128, 128, 64, 5, 4, 1, "sm90", 81_920),
+        ("pointer", 128, 128, 64, 4, 2, 1, "sm80", 49_152), ("pointer", 128, 64, 64, 4, 4, 1, "sm80", 36_864),
+        ("pointer", 128, 128, 64, 3, 2, 1, "sm89", 32_768)]
+    for kernel, bm, bn, bk, stages, out_bytes, split, name, bytes_measured in measured:
+        got = kernels.matmul_shared_memory(kernel, bm, bn, bk, stages, out_bytes, split, gpus[name])
+        assert bytes_measured <= got <= bytes_measured + 2048, \
+            f"{name} {kernel} {bm}x{bn}x{bk} s{stages}: estimate {got:,} B, compiled {bytes_measured:,} B"
+
+
+@needs_triton
+def test_gpu_of_reads_the_device(monkeypatch):
+    """gpu_of: the table by capability (9.x sm90, 8.0 sm80, other 8.x sm89), the opt-in shared
+    memory Triton checks launches against, the SM count; below sm80 a clear refusal."""
+    import types
+
+    def fake(major, minor, sms, shared):
+        props = types.SimpleNamespace(major=major, minor=minor, multi_processor_count=sms)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+        utils = types.SimpleNamespace(get_device_properties=lambda index: {"max_shared_mem": shared})
+        monkeypatch.setattr(kernels.triton.runtime, "driver", types.SimpleNamespace(
+            active=types.SimpleNamespace(utils=utils)))
+        kernels._GPU_OF.clear()
+        return kernels.gpu_of(torch.device("cuda", 0))
+    monkeypatch.setattr(kernels, "_GPU_OF", {})
+    assert fake(9, 0, 132, 232448) == kernels.GPUS["sm90"]
+    assert fake(8, 0, 108, 166912) == kernels.GPUS["sm80"]
+    assert fake(8, 6, 84, 101376) == kernels.GPU("sm89", (8, 6), 101376, 84)
+    with pytest.raises(ValueError, match=r"\(sm80 or later\), not sm75"):
+        fake(7, 5, 40, 65536)
+
+
+@needs_triton
+def test_check_cases_plan_on_every_gpu():
+    """Every launch `python kernels.py` checks has a plan on each GPU and on the interpreter; a
+    Hopper's list checks the TMA kernel too, an Ampere's does not ask for it."""
+    for gpu in (None, *kernels.GPUS.values()):
+        names = []
+        for name, launcher, args, kwargs, reference in kernels.check_cases("meta", gpu):
+            plan = {kernels.quantize_dual: kernels.quantize_dual_plan,
+                    kernels.int8_matmul: kernels.int8_matmul_plan}[launcher]
+            _, launch = plan(*args, **kwargs, gpu=gpu)
+            assert launch is not None, name
+            names.append(name)
+        if gpu is not None:  # (the CPU's shapes have no 16-byte rows for TMA)
+            assert any("tma" in n for n in names) == (gpu.capability >= (9, 0)), names
+
+
+def test_gate_inspect_fails_what_it_must():
+    """tools/gate.py's verdict on compiled launches (fakes: no compiler needed): shared memory
+    against each GPU's own limit, spills, a missing ptxas line, int8 tensor cores by
+    architecture (wgmma on sm90, mma.sync below), TMA below sm90, fp fusion left on."""
+    import types
+    from tools import gate
+    a, b = _meta_operands(64, 64, 64)
+    _, launch = kernels.int8_matmul_plan(a, torch.empty(64, device="meta"), b,
+                                         torch.empty(64, device="meta"), None, torch.float32, 0,
+                                         False, kernels.GPUS["sm80"])
+    log = "ptxas info: Used 100 registers\n    0 bytes stack frame, {} bytes spill stores, {} " \
+          "bytes spill loads"
+
+    def verdict(arch, ptx, shared=1000, spill=0, ptxas=None, meta=None):
+        kernel = types.SimpleNamespace(asm={"ptx": ptx}, metadata=types.SimpleNamespace(shared=shared))
+        compiled = {"kernel": kernel, "compile_s": 0.0,
+                    "log": log.format(spill, spill) if ptxas is None else ptxas}
+        return "; ".join(gate.inspect("x", launch._replace(meta=meta or launch.meta),
+                                      kernels.GPUS[arch], compiled)["failures"])
+    mma = "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {r};"
+    wgmma = "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {r};"
+    assert verdict("sm80", mma) == "" and verdict("sm90", wgmma) == ""
+    assert "shared memory 120,000 B > 101,376 B" in verdict("sm89", mma, shared=120_000)
+    assert verdict("sm90", wgmma, shared=120_000) == "", "120,000 B fit a Hopper block"
+    assert "64 B of register spills" in verdict("sm80", mma, spill=32)
+    assert "no int8 wgmma" in verdict("sm90", mma), "Hopper must use wgmma"
+    assert "no int8 mma.sync" in verdict("sm80", "add.s32 {r};")
+    assert "TMA below sm90" in verdict("sm80", mma + "cp.async.bulk.tensor.2d {r};")
+    assert "no ptxas log" in verdict("sm80", mma, ptxas="")
+    assert "enable_fp_fusion" in verdict("sm80", mma, meta=dict(launch.meta, enable_fp_fusion=True))
+
+
+def test_gate_records_layouts_and_estimates():
+    """What the gate records keeps a tensor's strides and offset (the plan depends on them); its
+    estimate counts each tensor once (a missing bias passes a_scale twice) and 2 M N K ops."""
+    from tools import gate
+    rec = gate.RecordingBackend()
+    t = torch.zeros(8, 48)[:, 16:32].t()  # (16, 8), strides (1, 48), offset 16
+    rec._record("int8_matmul", (t,), {})
+    back = gate.materialize(rec.calls[0][1][0])
+    assert (back.shape, back.stride(), back.storage_offset()) == (t.shape, t.stride(), 16)
+    a, b = _meta_operands(128, 64, 32)
+    scale_m, scale_n = torch.empty(128, device="meta"), torch.empty(64, device="meta")
+    _, launch = kernels.int8_matmul_plan(a, scale_m, b, scale_n, None, torch.float32, 0, False,
+                                         kernels.GPUS["sm80"])
+    est = gate.estimate(launch)
+    assert est["ops"] == 2 * 128 * 64 * 32
+    assert est["bytes"] == 128 * 32 + 64 * 32 + 128 * 64 * 4 + 128 * 4 + 64 * 4, est
 
 
 def test_gate_traces_the_step_training_makes():

@@ -43,7 +43,6 @@ MODELS = {
 RUNS = [("baseline", {}), ("torchao int8", {}), ("int8 recipe", qgpt.PRESETS["int8"]),
         ("int8 + 8-bit Adam", {**qgpt.PRESETS["int8"], **qgpt.PRESETS["adam8"]})]
 TORCHAO = 1  # the index of torchao's row
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
 
 
 def precision(device):
@@ -56,12 +55,6 @@ def version(package):
         return importlib.metadata.version(package)  # installed, whether or not imported yet
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def flops_per_token(model, cfg):
-    """nanoGPT's estimate (PaLM appendix B): 6 N + 12 L H Q T per token, forward and backward."""
-    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
-    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,8 +252,8 @@ def bench_one(name, cfg, vocab_size, batches, steps, warmup, device, compile_mod
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     tokens = cfg.batch_size * cfg.block_size
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak_flops = peak_flops or next((f for key, f in PEAK_FLOPS.items() if key in gpu), None)
-    mfu = flops_per_token(model, cfg) * tokens / dt / peak_flops if peak_flops else None
+    peak_flops = peak_flops or next((f for key, f in qgpt.PEAK_FLOPS.items() if key in gpu), None)
+    mfu = qgpt.flops_per_token(model, cfg) * tokens / dt / peak_flops if peak_flops else None
     parts = breakdown(run_step, device, profile_steps) if profile_steps else None
     busy = sum(parts.values()) if parts else None
     count = linear_step_kernels(lambda n_in, n_out: linear_of(name, cfg, n_in, n_out, device),

@@ -1156,6 +1156,61 @@ def test_checkpoint_resume_matches_uninterrupted(char_data, preset, monkeypatch)
     assert resumed["evals"][-1] == full["evals"][-1]
 
 
+def _metrics(out_dir):
+    """metrics.jsonl's records without the times (they differ from run to run)."""
+    volatile = {"ms_per_step", "tokens_per_s", "mfu", "peak_memory_mib"}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in volatile} for line in f]
+
+
+def test_metrics_file_and_resume(char_data, capsys):
+    """Every run writes out_dir/metrics.jsonl: a first line with the config, versions and device,
+    then a line per log step (loss, lr, ms/step, tokens/s, MFU where known, peak memory) and per
+    evaluation; the log line shows the memory too. A run interrupted at step 10 and resumed leaves
+    the same file as an uninterrupted one (times aside): the steps logged after the checkpoint
+    are dropped, none repeats."""
+    cfg = tiny_cfg(char_data, log_interval=4)
+    qgpt.train(cfg)
+    assert "peak memory" in capsys.readouterr().out, "the log shows the peak memory"
+    full = _metrics(cfg.out_dir)
+    assert full[0]["kind"] == "run" and full[0]["config"]["lr"] == cfg.lr and \
+        full[0]["versions"]["torch"] == torch.__version__ and full[0]["device"] == "cpu"
+    train = [r for r in full if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(4, 21, 4)) and train[0]["tokens"] == 4 * 4 * 16
+    assert [r["step"] for r in full if r["kind"] == "eval"] == [0, 10, 20]
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
+        record = next(r for r in map(json.loads, f) if r["kind"] == "train")
+    assert record["peak_memory_mib"] > 0 and record["mfu"] is None and record["ms_per_step"] > 0
+    half = tiny_cfg(char_data, log_interval=4, out_dir=str(char_data / "half"))
+    qgpt.train(half, stop_at=10)
+    log_metrics_after = qgpt.log_metrics  # a crash after step 12's log line: the line is there
+    log_metrics_after(os.path.join(half.out_dir, "metrics.jsonl"), kind="train", step=12, tokens=1)
+    qgpt.train(Config(**{**half.__dict__, "init_from": "resume"}))
+    resumed = _metrics(half.out_dir)
+    resumed[0]["config"]["out_dir"] = full[0]["config"]["out_dir"]
+    assert resumed == full, "the resumed run's metrics.jsonl must equal the uninterrupted run's"
+
+
+def test_plot_tool(char_data, capsys):
+    """python -m tools.plot draws several runs' curves on one PNG; without matplotlib it says so in
+    one line; a folder without metrics.jsonl is a one-line error."""
+    from tools import plot
+    qgpt.train(tiny_cfg(char_data))
+    out = str(char_data / "out")
+    capsys.readouterr()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert plot.main([out]) == 1
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("matplotlib is not installed"), lines
+    else:
+        assert plot.main([out, out, "--out", str(char_data / "c.png")]) == 0
+        assert (char_data / "c.png").stat().st_size > 1000
+    assert plot.main([str(char_data / "nowhere")]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
 def test_paper_recipe_trains(char_data, capsys):
     _, history = qgpt.train(tiny_cfg(char_data, preset="w8a8g8", wbits=8, abits=8, gbits=8, max_iters=40,
                                      diag_interval=20))

@@ -123,14 +123,22 @@ def measure_outliers_and_sparsity(model, data, cfg, device):
     return "\n".join(lines)
 
 
-def plot(curves, rows, path):
-    """Top: validation loss (mean over seeds); bottom: its difference to the baseline of the same seed."""
+def pyplot(what):
+    """matplotlib's pyplot drawing to files, or None with one line saying what is not drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed, no plot: pip install matplotlib (results.csv is written)")
+        print(f"matplotlib is not installed, no plot: pip install matplotlib ({what})")
+        return None
+    return plt
+
+
+def plot(curves, rows, path):
+    """Top: validation loss (mean over seeds); bottom: its difference to the baseline of the same seed."""
+    plt = pyplot("results.csv is written")
+    if plt is None:
         return
     groups = ["weights", "activations", "gradients", "optimizer", "combined", "int8 path"]
     seeds = sorted({r["seed"] for r in rows})

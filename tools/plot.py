@@ -33,10 +33,15 @@ def read_metrics(out_dir):
 
 
 def label(out_dir, run):
-    cfg = run["config"]
-    bits = "" if not cfg else (f"{cfg.get('recipe', '?')} w{cfg.get('wbits')} a{cfg.get('abits')} "
-                               f"g{cfg.get('gbits')} m{cfg.get('m_bits')} v{cfg.get('v_bits')}")
-    return f"{os.path.basename(os.path.normpath(out_dir))} ({bits.strip()})" if bits else out_dir
+    """The folder's name and what it trained: full precision, or the recipe and its bits."""
+    cfg, name = run["config"], os.path.basename(os.path.normpath(out_dir))
+    if not cfg:
+        return name
+    quantized = min(cfg["wbits"], cfg["abits"], cfg["gbits"]) <= 8
+    what = (f"{cfg['recipe']} w{cfg['wbits']} a{cfg['abits']} g{cfg['gbits']}" if quantized else
+            "full precision") + (f", Adam m{cfg['m_bits']} v{cfg['v_bits']}"
+                                 if min(cfg["m_bits"], cfg["v_bits"]) < 32 else "")
+    return f"{name} ({what}, {run.get('dtype', '?')})"
 
 
 def main(argv=None):

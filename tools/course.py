@@ -22,7 +22,8 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 
 SEAM_FILES = ["qgpt.py", "kernels.py"]
 COURSE_FILES = SEAM_FILES + ["prepare_data.py", "test_qgpt.py", "requirements.txt", "README.md", "tools/__init__.py",
-                             "tools/bench.py", "tools/study.py", "tools/course.py", "tools/COURSE.md"]
+                             "tools/bench.py", "tools/study.py", "tools/course.py", "tools/COURSE.md",
+                             "tools/gate.py", "tools/plot.py", "tools/rules.py"]
 
 
 def copy_project(out):

@@ -588,26 +588,49 @@ def round_stochastic_bf16(x, generator):
 
 def sqrt_rn(x):
     """fp32 square root, correctly rounded everywhere (PyTorch's CPU kernel can be 1 ulp off; the
-    fused AdamW of kernels.py is exact, and 8/4-bit states must not depend on where they ran), in
-    integers, with no float64 (Apple's GPUs have none): x = m 2^e with a 24-bit m; the integer
-    square root q of n = m 2^24 (e even) or m 2^23 (e odd), rounded to nearest (sqrt(n) >= q + 1/2
-    exactly when n - q^2 > q), times 2^((e + odd) / 2 - 12). Subnormals are scaled by 2^64 first."""
+    fused AdamW of kernels.py is exact, and 8/4-bit states must not depend on where they ran):
+    float64's root rounded to fp32, or, on a device without float64, sqrt_rn_integer's."""
     x = x.float()
-    tiny = x < 2.0 ** -126  # subnormals (and 0, negatives): into the normal range, exactly
-    bits = torch.where(tiny, x * 2.0 ** 64, x).view(torch.int32)
-    exponent = ((bits >> 23) & 255) - 150  # x = m * 2^exponent, m in [2^23, 2^24)
-    m = ((bits & 0x7FFFFF) | 0x800000).to(torch.int64)
+    return x.double().sqrt().float() if has_float64(x.device) else sqrt_rn_integer(x)
+
+
+def has_float64(device):
+    """Apple's GPUs (MPS) have no float64."""
+    return device.type != "mps"
+
+
+def sqrt_rn_integer(x):
+    """sqrt_rn's bits from integer arithmetic, with no float64 and no arithmetic on subnormals:
+     1. x's bits give x = m * 2^e with a 24-bit integer m (a subnormal normalized in integers);
+     2. n = m * 2^24 (e even) or m * 2^23 (e odd) lies in [2^46, 2^48), so its integer square
+        root q has 24 bits: fp32's sqrt as a first guess, one integer Newton step, then exact
+        corrections to floor(sqrt(n));
+     3. to nearest: sqrt(n) >= q + 1/2 exactly when n - q^2 > q (no ties: n is an integer);
+     4. sqrt(x) = q * 2^((e + odd) / 2 - 12), a power of two applied exactly.
+    +-0, inf and NaN are themselves; a negative x gives NaN."""
+    bits = x.float().view(torch.int32)
+    magnitude = bits & 0x7FFFFFFF
+    field = magnitude >> 23
+    raw = (magnitude & 0x7FFFFF).to(torch.int64)
+    subnormal = (field == 0) & (raw > 0)
+    top = ((raw.float().view(torch.int32) >> 23) & 255) - 127  # floor(log2 raw): exact, raw < 2^23
+    shift = torch.where(subnormal, 23 - top, 0)
+    m = torch.where(subnormal, raw << shift, raw | 0x800000)  # (M,) int64 in [2^23, 2^24)
+    exponent = torch.where(subnormal, -149 - shift, field - 150)
     odd = exponent & 1
-    n = m << (24 - odd)  # in [2^46, 2^48): its square root has 24 bits
-    q = torch.sqrt(n.float()).to(torch.int64)  # within 2 of floor(sqrt(n))
+    n = m << (24 - odd)  # in [2^46, 2^48)
+    q = torch.sqrt(n.float()).to(torch.int64)
+    q = (q + n // q) >> 1  # Newton: within 1 of floor(sqrt(n)) from any guess a few ulps off
     for _ in range(2):
         q = q - (q * q > n).long()
         q = q + ((q + 1) * (q + 1) <= n).long()
-    q = q + (n - q * q > q).long()  # to nearest (a tie is impossible: n is an integer)
-    shift = (exponent + odd) // 2 - 12 - torch.where(tiny, 32, 0)
-    root = q.float() * ((shift + 127) << 23).to(torch.int32).view(torch.float32)  # * 2^shift
-    root = torch.where((x == 0) | (x == float("inf")), x, root)  # +-0, inf: themselves
-    return torch.where((x < 0) | x.isnan(), torch.full_like(x, float("nan")), root)
+    q = q + (n - q * q > q).long()
+    scale = (((exponent + odd) // 2 - 12 + 127) << 23).to(torch.int32).view(torch.float32)
+    root = q.float() * scale  # q <= 2^24 is exact in fp32; the scale is a power of two
+    special = (magnitude == 0) | (magnitude >= 0x7F800000)  # +-0, inf, NaN: themselves
+    root = torch.where(special, x.float(), root)
+    return torch.where((bits < 0) & (magnitude != 0) & (magnitude <= 0x7F800000),
+                       torch.full_like(root, float("nan")), root)
 
 
 def _state_rows(x, granularity, block_size):
@@ -714,9 +737,11 @@ class QAdamW(torch.optim.Optimizer):
         return (group["m_bits"], group["v_bits"]) if quantized else (32, 32)
 
     def _fused(self, p, group):
-        """Whether kernels.py's one-pass kernel updates p: block-wise 8/4-bit states on CUDA."""
+        """Whether kernels.py's one-pass kernel updates p: block-wise 8/4-bit states on a CUDA
+        GPU Triton compiles for (sm80+)."""
         size = group["block_size"]
-        return (bool(p.is_cuda if self.fused is None else self.fused) and kernels.triton is not None
+        on_gpu = p.is_cuda and torch.cuda.get_device_capability(p.device) >= (8, 0)  # Triton's
+        return (bool(on_gpu if self.fused is None else self.fused) and kernels.triton is not None
                 and set(self.state_bits(p, group)) <= {4, 8} and p.is_contiguous()
                 and group["m_granularity"] == group["v_granularity"] == "block"
                 and size >= 2 and not size & (size - 1))
@@ -897,6 +922,9 @@ def train(cfg, stop_at=None):
                "tokens_per_s": 0.0}
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     t0 = t_start = time.time()
+    t0_step = start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         for it in range(start, cfg.max_iters + 1):
             # all ranks stop together
@@ -939,20 +967,22 @@ def train(cfg, stop_at=None):
             clip = cfg.grad_clip or math.inf  # 0: no clipping
             scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping them
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if scaler.is_enabled() and math.isfinite(loss_sum) and not torch.isfinite(grad_norm):
-                scaler.update()  # the scaled gradients overflowed fp16: halve the scale, skip
-                optimizer.zero_grad(set_to_none=True)
-                history["scaler_skips"] += 1
-                print(f"step {it}: fp16 gradients overflowed, step skipped, loss scale now "
-                      f"{scaler.get_scale():g}")
-                continue
             if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
+                scaler.update()  # fp16: the overflow seen by unscale_ halves the scale (else no-op)
+                # fp16 gradients that overflowed, the loss finite: loss scaling's ordinary skip,
+                # unless the scale has fallen below 1 (then no scale helps: a divergence)
+                if scaler.is_enabled() and math.isfinite(loss_sum) and scaler.get_scale() >= 1:
+                    history["scaler_skips"] += 1
+                    print(f"step {it}: fp16 gradients overflowed, step skipped, loss scale now "
+                          f"{scaler.get_scale():g}")
+                    continue
                 if not cfg.skip_nonfinite:
                     history["diverged_at"] = it
+                    hint = "; fp16's range? try --dtype bfloat16 or float32" * scaler.is_enabled()
                     print(f"step {it}: non-finite loss or gradient (recipe {cfg.recipe}, "
                           f"w{cfg.wbits} a{cfg.abits} g{cfg.gbits} m{cfg.m_bits} v{cfg.v_bits}); "
-                          f"stopped, last good checkpoint kept")
+                          f"stopped, last good checkpoint kept{hint}")
                     break
                 history["skipped"] += 1
                 print(f"step {it}: non-finite loss or gradient, step skipped "
@@ -965,13 +995,15 @@ def train(cfg, stop_at=None):
             if diag_step:
                 print(diagnostics_table(stats))
             if (it + 1) % cfg.log_interval == 0:
-                dt = (time.time() - t0) / cfg.log_interval
-                t0 = time.time()
+                dt = (time.time() - t0) / (it + 1 - t0_step)  # skipped steps count (their time)
+                t0, t0_step = time.time(), it + 1
                 peak = peak_flops(device, dtype)
-                mfu, mem = flops_per_step / dt / peak if peak else None, peak_memory_mib(device)
+                mfu = flops_per_step / dt / (peak * world) if peak else None  # per GPU
+                mem = peak_memory_mib(device)
                 print(f"step {it + 1}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
                       f"{tokens_per_step / dt:.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else "")
-                      + (f", peak memory {mem:,.0f} MiB" if mem else ""))
+                      + (f", peak memory {mem:,.0f} MiB" if mem else "")
+                      + (" (process)" if mem and device.type == "cpu" else ""))
                 log_metrics(metrics, kind="train", step=it + 1, tokens=(it + 1) * tokens_per_step,
                             loss=loss_sum, lr=lr, ms_per_step=dt * 1000,
                             tokens_per_s=tokens_per_step / dt, mfu=mfu, peak_memory_mib=mem)
@@ -1198,7 +1230,7 @@ def select_backend(cfg, device):
     if cfg.backend == "sim":
         return kernels.ReferenceBackend
     reason = ("no CUDA device" if device.type != "cuda" else
-              "GPU older than sm80 (no int8 tensor cores)"
+              "Triton has no int8 tensor-core dot below sm80"
               if torch.cuda.get_device_capability(device) < (8, 0) else
               "triton is not installed" if kernels.triton is None else None)
     if reason is None:
@@ -1265,9 +1297,11 @@ def flops_per_token(model, cfg):
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-# dense bf16 / fp16 tensor-core peaks (FLOP/s) of the GPUs whose name holds the key
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "L4": 121e12,
-              "A10": 125e12, "4090": 165e12, "3090": 71e12, "T4": 65e12, "V100": 125e12}
+# dense bf16 / fp16 tensor-core peaks with fp32 accumulation (FLOP/s) of the GPUs whose name holds
+# the key, the first that matches (GeForce cards accumulate in fp32 at half their fp16 rate)
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+              "4090": 82.6e12, "3090": 35.6e12, "T4": 65e12, "V100": 125e12}
 
 
 def peak_flops(device, dtype):
@@ -1279,10 +1313,13 @@ def peak_flops(device, dtype):
 
 
 def peak_memory_mib(device):
-    """The most memory the run has held: the GPU's allocator on CUDA, the process's resident
-    memory on a CPU (Linux, macOS); None elsewhere."""
+    """The most memory held: the GPU allocator's peak since train() began on CUDA; on a Mac the
+    memory Metal holds now; on a CPU the whole process's peak resident size (Python and torch
+    included: compare runs with it, not with the model's bytes)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 20
     if device.type != "cpu":
         return None
     import resource
@@ -1297,11 +1334,15 @@ def open_metrics(cfg, start, model, device, dtype):
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if cfg.init_from == "resume" and os.path.exists(path):
         with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+            lines = f.read().splitlines()
+        if lines and not lines[-1].endswith("}"):
+            lines.pop()  # a line cut short by a hard kill
+        records = [json.loads(line) for line in lines if line.strip()]
         kept = [r for r in records if r["kind"] == "run" or r["step"] < start
                 or (r["kind"] == "train" and r["step"] == start)]
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)  # a crash now leaves the old file whole
         return path
     triton = getattr(kernels.triton, "__version__", None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -1011,11 +1011,13 @@ def test_adam_state_rounds_ties_to_even(bits):
             f"bytes {want_bytes}) expected, got scale {state['scale'].item()}, codes {got}"
 
 
-def test_sqrt_rn_is_correctly_rounded_without_float64():
-    """qgpt.sqrt_rn (integer arithmetic, no float64) equals float64's sqrt rounded to fp32 on every
-    class of fp32: random bit patterns over the whole positive range, subnormals, powers of two,
-    squares and their neighbours one ulp away (where a wrong rounding shows), the largest and
-    smallest values, +-0, inf, NaN and negatives (NaN)."""
+@pytest.mark.parametrize("guess_off_by", [0, 3, -3])
+def test_sqrt_rn_is_correctly_rounded_without_float64(guess_off_by, monkeypatch):
+    """qgpt.sqrt_rn_integer (integers, no float64: Apple's GPUs) equals float64's sqrt rounded to
+    fp32, bit for bit, on every class of fp32: random bit patterns over the whole positive range,
+    subnormals, powers of two, squares and their neighbours one ulp away (where a wrong rounding
+    shows), the largest and smallest values, +-0, inf, NaN and negatives (NaN); also when the
+    device's fp32 sqrt (its first guess) is 3 ulps off either way."""
     gen = torch.Generator().manual_seed(0)
     every_other = torch.tensor([2.0 ** e for e in range(-149, 128)])
     squares = torch.arange(1, 4096).float() ** 2
@@ -1025,8 +1027,13 @@ def test_sqrt_rn_is_correctly_rounded_without_float64():
         torch.nextafter(squares, torch.tensor(float("inf"))), torch.nextafter(squares, torch.tensor(0.0)),
         torch.tensor([0.0, -0.0, float("inf"), float("nan"), -1.0, -float("inf"), 3.4028235e38,
                       1.1754944e-38, 1.4e-45])])
-    got, want = qgpt.sqrt_rn(x), x.double().sqrt().float()
-    problem = _difference(got, want, "sqrt_rn")
+    want = x.double().sqrt().float()
+    real_sqrt = torch.sqrt
+    monkeypatch.setattr(torch, "sqrt", lambda t: (real_sqrt(t).view(torch.int32) + guess_off_by)
+                        .view(torch.float32) if t.dtype == torch.float32 else real_sqrt(t))
+    got = qgpt.sqrt_rn_integer(x)
+    monkeypatch.undo()
+    problem = _difference(got, want, f"sqrt_rn_integer (fp32 sqrt {guess_off_by} ulps off)")
     assert not problem, f"{problem} (expected: float64's sqrt rounded to fp32)"
     assert torch.equal(got.view(torch.int32), want.view(torch.int32)), "the sign of 0 and NaN's bits"
 
@@ -1049,9 +1056,10 @@ def _float64_forbidden():
 
 
 def test_no_float64_on_the_training_path():
-    """With float64 forbidden: a low-bit Adam step for each v map (8 and 4 bits), a step of the
-    paper recipe and one of the int8 recipe whose dW sums 1,100 tokens in one group (the
-    reference's exact integer sums past 1,024 products). The same results as without the ban."""
+    """With float64 forbidden and sqrt_rn on its integer path (as on Apple's GPUs): a low-bit Adam
+    step for each v map (8 and 4 bits), a step of the paper recipe and one of the int8 recipe
+    whose dW sums 1,100 tokens in one group (the reference's exact integer sums past 1,024
+    products). The same results as with float64."""
     def run():
         torch.manual_seed(0)
         p = nn.Parameter(torch.randn(40, 24))
@@ -1067,7 +1075,8 @@ def test_no_float64_on_the_training_path():
             results += [t for t in _grads(layer, x, g) if t is not None]
         return results
     free = run()
-    with _float64_forbidden():
+    with pytest.MonkeyPatch.context() as patch, _float64_forbidden():
+        patch.setattr(qgpt, "has_float64", lambda device: False)
         banned = run()
     for i, (a, b) in enumerate(zip(banned, free)):
         problem = _difference(a, b, f"result {i}")
@@ -2343,8 +2352,42 @@ def test_dtype_auto_picks_by_device(monkeypatch):
     assert qgpt.autocast_dtype(Config(dtype="float16"), torch.device("cuda")) == torch.float16
 
 
+def test_fp16_nonfinite_loss_and_endless_overflow(char_data, monkeypatch, capsys):
+    """fp16: a non-finite loss with --skip_nonfinite skips that step and training goes on (the
+    scaler is updated on every skip); gradients that overflow at every step halve the scale until
+    it falls below 1, and then the run stops as diverged, with a hint at fp16's range."""
+    real = qgpt.GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None):
+        logits, loss = real(self, idx, targets)
+        calls["n"] += 1
+        if self.training and calls["n"] == 5 and loss is not None:
+            loss = loss * float("inf")
+        return logits, loss
+    monkeypatch.setattr(qgpt.GPT, "forward", forward)
+    _, history = qgpt.train(tiny_cfg(char_data, dtype="float16", skip_nonfinite=True))
+    assert history["diverged_at"] is None and history["skipped"] == 1 and \
+        len(history["losses"]) == 20 - 1 - history["scaler_skips"], history
+    monkeypatch.setattr(qgpt.GPT, "forward", real)
+
+    def nan_grads(module, grad_in, grad_out):
+        return tuple(g * float("nan") if g is not None else None for g in grad_in)
+    real_build = qgpt.build_model
+
+    def build(cfg, vocab_size, device):
+        model = real_build(cfg, vocab_size, device)
+        model.lm_head.register_full_backward_hook(nan_grads)
+        return model
+    monkeypatch.setattr(qgpt, "build_model", build)
+    _, history = qgpt.train(tiny_cfg(char_data, dtype="float16", max_iters=40))
+    out = capsys.readouterr().out
+    assert history["diverged_at"] is not None and "try --dtype bfloat16 or float32" in out, \
+        f"NaN gradients forever must end as a divergence: {history['scaler_skips']} skips"
+
+
 def test_int8_backend_below_sm80_is_the_simulation(monkeypatch, capsys):
-    """A T4 (sm75) or a V100 (sm70) has no int8 tensor cores for Triton: --backend auto says so in
+    """A T4 (sm75) or a V100 (sm70): Triton has no int8 tensor-core dot there; --backend auto says so in
     one line and runs the simulation (the same numbers as the kernels); --backend triton is a
     one-line error. sm80 and later with triton installed get the kernels."""
     cfg = Config(**qgpt.PRESETS["int8"])
@@ -2353,8 +2396,8 @@ def test_int8_backend_below_sm80_is_the_simulation(monkeypatch, capsys):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert qgpt.select_backend(cfg, cuda) is kernels.ReferenceBackend
         out = capsys.readouterr().out.strip().splitlines()
-        assert out == ["backend: simulated int8 in PyTorch (GPU older than sm80 (no int8 tensor "
-                       "cores))"], f"sm{capability[0]}{capability[1]}, --backend auto: {out}"
+        assert out == ["backend: simulated int8 in PyTorch (Triton has no int8 tensor-core dot "
+                       "below sm80)"], f"sm{capability[0]}{capability[1]}, --backend auto: {out}"
         with pytest.raises(qgpt.UserError, match="--backend triton needs a CUDA GPU \\(sm80\\+\\)"):
             qgpt.select_backend(Config(**{**qgpt.PRESETS["int8"], "backend": "triton"}), cuda)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))

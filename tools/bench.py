@@ -46,8 +46,8 @@ TORCHAO = 1  # the index of torchao's row
 
 
 def precision(device):
-    """What every row runs in: bf16 autocast on a GPU (as training does on sm80+), fp32 on a CPU."""
-    return qgpt.autocast_context(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    """What every row runs in: training's --dtype auto (bf16 autocast on sm80+, fp32 on a CPU)."""
+    return qgpt.autocast_context(device, qgpt.autocast_dtype(qgpt.Config(), device))
 
 
 def version(package):

@@ -64,6 +64,41 @@ def absmax_scale(absmax, absmax_floor, qmax):
     return absmax / torch.full_like(absmax, qmax)
 
 
+def sqrt_rn_integer(x):
+    """fp32 sqrt correctly rounded (tl.sqrt_rn's bits, float64's root rounded to fp32) from
+    integer arithmetic, with no float64 (Apple's GPUs have none) and no arithmetic on subnormals:
+     1. x's bits give x = m * 2^e with a 24-bit integer m (a subnormal normalized in integers);
+     2. n = m * 2^24 (e even) or m * 2^23 (e odd) lies in [2^46, 2^48), so its integer square
+        root q has 24 bits: fp32's sqrt as a first guess, one integer Newton step, then exact
+        corrections to floor(sqrt(n));
+     3. to nearest: sqrt(n) >= q + 1/2 exactly when n - q^2 > q (no ties: n is an integer);
+     4. sqrt(x) = q * 2^((e + odd) / 2 - 12), a power of two applied exactly.
+    +-0, inf and NaN are themselves; a negative x gives NaN."""
+    bits = x.float().view(torch.int32)
+    magnitude = bits & 0x7FFFFFFF
+    field = magnitude >> 23
+    raw = (magnitude & 0x7FFFFF).to(torch.int64)
+    subnormal = (field == 0) & (raw > 0)
+    top = ((raw.float().view(torch.int32) >> 23) & 255) - 127  # floor(log2 raw): exact, raw < 2^23
+    shift = torch.where(subnormal, 23 - top, 0)
+    m = torch.where(subnormal, raw << shift, raw | 0x800000)  # (M,) int64 in [2^23, 2^24)
+    exponent = torch.where(subnormal, -149 - shift, field - 150)
+    odd = exponent & 1
+    n = m << (24 - odd)  # in [2^46, 2^48)
+    q = torch.sqrt(n.float()).to(torch.int64)
+    q = (q + n // q) >> 1  # Newton: within 1 of floor(sqrt(n)) from any guess a few ulps off
+    for _ in range(2):
+        q = q - (q * q > n).long()
+        q = q + ((q + 1) * (q + 1) <= n).long()
+    q = q + (n - q * q > q).long()
+    scale = (((exponent + odd) // 2 - 12 + 127) << 23).to(torch.int32).view(torch.float32)
+    root = q.float() * scale  # q <= 2^24 is exact in fp32; the scale is a power of two
+    special = (magnitude == 0) | (magnitude >= 0x7F800000)  # +-0, inf, NaN: themselves
+    root = torch.where(special, x.float(), root)
+    return torch.where((bits < 0) & (magnitude != 0) & (magnitude <= 0x7F800000),
+                       torch.full_like(root, float("nan")), root)
+
+
 def quantize_rows_reference(x, bits=8, absmax_floor=1e-5):
     """(M, K) float -> int8 codes (M, K), fp32 scale (M, 1): qgpt.quantize(x, bits, "row")."""
     qmax = 2 ** (bits - 1) - 1

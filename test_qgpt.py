@@ -1013,7 +1013,7 @@ def test_adam_state_rounds_ties_to_even(bits):
 
 @pytest.mark.parametrize("guess_off_by", [0, 3, -3])
 def test_sqrt_rn_is_correctly_rounded_without_float64(guess_off_by, monkeypatch):
-    """qgpt.sqrt_rn_integer (integers, no float64: Apple's GPUs) equals float64's sqrt rounded to
+    """kernels.sqrt_rn_integer (integers, no float64: Apple's GPUs) equals float64's sqrt rounded to
     fp32, bit for bit, on every class of fp32: random bit patterns over the whole positive range,
     subnormals, powers of two, squares and their neighbours one ulp away (where a wrong rounding
     shows), the largest and smallest values, +-0, inf, NaN and negatives (NaN); also when the
@@ -1031,7 +1031,7 @@ def test_sqrt_rn_is_correctly_rounded_without_float64(guess_off_by, monkeypatch)
     real_sqrt = torch.sqrt
     monkeypatch.setattr(torch, "sqrt", lambda t: (real_sqrt(t).view(torch.int32) + guess_off_by)
                         .view(torch.float32) if t.dtype == torch.float32 else real_sqrt(t))
-    got = qgpt.sqrt_rn_integer(x)
+    got = kernels.sqrt_rn_integer(x)
     monkeypatch.undo()
     problem = _difference(got, want, f"sqrt_rn_integer (fp32 sqrt {guess_off_by} ulps off)")
     assert not problem, f"{problem} (expected: float64's sqrt rounded to fp32)"

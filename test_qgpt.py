@@ -80,6 +80,11 @@ def _seam_problem_quantizer():
             _difference(got_scale, torch.from_numpy(scale), f"quantize(x, {bits}, 'row') scales")
         if problem:
             return problem
+    codes16, _, _ = quantize(torch.from_numpy(x).bfloat16(), 8, "row")
+    problem = _difference(codes16, quantize(torch.from_numpy(x).bfloat16().float(), 8, "row")[0],
+                          "quantize(bf16 x) codes (the arithmetic in fp32)")
+    if problem:
+        return problem
     want_codes, _, want_zp = _np_asymmetric(x, 8)
     codes, _, zp = quantize(torch.from_numpy(x), 8, "row", symmetric=False)
     return _difference(codes, torch.from_numpy(want_codes).to(torch.int8), "asymmetric codes") or \
@@ -493,6 +498,23 @@ def test_quantizer_divides_by_the_scale():
     problem = _difference(got_scale, torch.tensor([[scale]]), "scale (7.3 / 127)") or \
         _difference(codes, torch.from_numpy(want).to(torch.int8), "codes round(x / scale)")
     assert not problem, f"8-bit row of absmax 7.3: {problem}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantizer_computes_in_fp32(dtype):
+    """bf16 or fp16 x: absmax, scale and x / scale in fp32 (the contract), the scale fp32: the
+    same codes and scales as for x.float(), at every granularity (in x's own dtype the scales
+    round to 8 or 11 bits and many codes move)."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 8, generator=gen) * torch.tensor([[1e-3], [0.1], [1], [3], [30], [700]]))
+    x = x.to(dtype)
+    for granularity in ("tensor", "row", "column", "group"):
+        codes, scale, _ = quantize(x, 8, granularity, group_size=4)
+        want_codes, want_scale, _ = quantize(x.float(), 8, granularity, group_size=4)
+        problem = _difference(scale, want_scale, "scales (fp32)") or \
+            _difference(codes, want_codes, "codes (x / scale in fp32)")
+        assert scale.dtype == torch.float32 and not problem, \
+            f"{dtype} x, {granularity}: scale {scale.dtype}; {problem}"
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -920,8 +942,11 @@ def test_adam_state_round_trip_error(bits, granularity, shape):
     state = qgpt.encode_state(m, bits, True, granularity, 128)
     rows = {"tensor": 1, "row": shape[0], "block": -(-m.numel() // 128)}[granularity]
     assert state["scale"].shape == (rows, 1), f"{granularity}: {rows} scales of shape (rows, 1), got {tuple(state['scale'].shape)}"
-    assert state["codes"].dtype == torch.uint8 and state["codes"].numel() == -(-rows * (m.numel() // rows if
-        granularity != "block" else 128) * bits // 8), f"{bits}-bit codes: {state['codes'].numel()} bytes"
+    want_bytes = -(-rows * (m.numel() // rows if granularity != "block" else 128) * bits // 8)
+    assert state["codes"].dtype == torch.uint8 and state["codes"].numel() == want_bytes, \
+        f"{bits}-bit codes of {rows} rows x {m.numel() // rows if granularity != 'block' else 128}: " \
+        f"{state['codes'].numel()} bytes ({state['codes'].dtype}), expected {want_bytes} uint8 " \
+        f"(the rows' codes in one run, two a byte at 4 bits, one padding nibble at most)"
     absmax = _own_block_absmax(m, granularity)
     _check_state_error(m, qgpt.decode_state(state, m.shape, bits, True), absmax / (2 ** bits - 2), f"m {bits}-bit")
     v = m * m
@@ -2255,6 +2280,24 @@ def test_linear_backward_int8_frozen_weight_still_gives_dx():
     for name, a, b in [("output", got[0], want[0]), ("dX", got[1], want[1]), ("db", got[3], want[3])]:
         problem = _difference(a, b, name)
         assert not problem, f"frozen W: {problem} (expected: the trainable W's)"
+
+
+def test_linear_backward_int8_frozen_weight_quantizes_no_g_columns():
+    """A frozen W needs no dW: the backward asks for G's row codes only (columns=False), so no
+    G^T codes are made."""
+    calls = []
+
+    class Spy(kernels.ReferenceBackend):
+        @staticmethod
+        def quantize_dual(x, bits, absmax_floor, token_group=0, rows=True, columns=True):
+            calls.append((tuple(x.shape), absmax_floor, columns))
+            return kernels.quantize_dual_reference(x, bits, absmax_floor, token_group, rows, columns)
+    _, layer = _linear_pair(Config(**qgpt.PRESETS["int8"]), backend=Spy)
+    layer.weight.requires_grad_(False)
+    layer(torch.randn(10, 24, requires_grad=True)).backward(torch.randn(10, 16))
+    g_calls = [c for c in calls if c[1] == qgpt.GRAD_FLOOR]
+    assert g_calls == [((10, 16), qgpt.GRAD_FLOOR, False)], \
+        f"frozen W: G quantized once, rows only; the calls for G were {g_calls}"
 
 
 def test_linear_backward_int8_one_token_group_is_per_column():

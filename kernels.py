@@ -39,6 +39,7 @@ that share its scales.
 import math
 import os
 import sys
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -958,6 +959,41 @@ class TritonBackend:
     @staticmethod
     def int8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32, k_group=0):
         return int8_matmul_op(a, a_scale, b, b_scale, bias, out_dtype, k_group)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper recipe's fp8 forward: torch._scaled_mm (fp8 tensor cores on sm89+), and its reference.
+
+def fp8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32):
+    """(a @ b^T) * a_scale * b_scale^T (+ bias) in fp32, written in out_dtype: a (M, K) and b
+    (N, K) fp8 codes, scales fp32 (1, 1) per tensor or (M, 1) and (N, 1) per row. Products of fp8
+    values are exact in fp32; the sums are fp32's, as on the tensor cores."""
+    y = (a.float() @ b.float().t()) * a_scale * b_scale.reshape(1, -1)  # (M, N) fp32
+    return (y if bias is None else y + bias).to(out_dtype)
+
+
+def fp8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32):
+    """fp8_matmul_reference's result from torch._scaled_mm. Scales per tensor on both sides run
+    tensor-wise (sm89+), else both row-wise (sm90; bf16 out). A CUDA shape whose K or N is not a
+    multiple of 16 (the tensor cores' tile) runs the reference, with a warning."""
+    (M, K), N = a.shape, b.shape[0]
+    if a.is_cuda and (K % 16 or N % 16):
+        warnings.warn(f"fp8_matmul {M} x {K} x {N}: K and N must be multiples of 16 for "
+                      f"torch._scaled_mm; the reference runs")
+        return fp8_matmul_reference(a, a_scale, b, b_scale, bias, out_dtype)
+    if a_scale.numel() == b_scale.numel() == 1:
+        a_scale, b_scale = a_scale.reshape(()), b_scale.reshape(())
+    else:  # row-wise: (M, 1) and (1, N)
+        a_scale = a_scale.reshape(-1, 1).expand(M, 1).contiguous()
+        b_scale = b_scale.reshape(1, -1).expand(1, N).contiguous()
+    y = torch._scaled_mm(a, b.t(), a_scale, b_scale, out_dtype=out_dtype)  # (M, N)
+    return y if bias is None else y + bias
+
+
+class Fp8Backend:
+    """qgpt's paper recipe with fp8 W and X: its forward matmul on torch._scaled_mm."""
+    name = "scaled_mm"
+    fp8_matmul = staticmethod(fp8_matmul)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -97,11 +98,18 @@ class Config:
                      ["auto", "float32", "bfloat16", "float16"])
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(1337, "seed for init, batches and dropout")
-    # quantized Linears (PaperRecipe, Int8Recipe); bits >= 16: that operand is not quantized
+    # quantized Linears (PaperRecipe, Int8Recipe): a format per operand W, X (the activation,
+    # the Linear's input) and G (its output gradient); int with bits >= 16: not quantized
     recipe: str = opt("paper", "paper (simulated) | int8 (int8 kernels)", ["paper", "int8"])
-    wbits: int = opt(32, "weight bits (2-8, or 16/32 = off)")
-    abits: int = opt(32, "activation (Linear input) bits")
-    gbits: int = opt(32, "output-gradient bits")
+    wbits: int = opt(32, "weight bits of the int format (2-8, or 16/32 = off)")
+    abits: int = opt(32, "activation bits of the int format")
+    gbits: int = opt(32, "output-gradient bits of the int format")
+    w_format: str = opt("int", "weight format: int (--wbits) | e4m3 | e5m2 (fp8; paper recipe) "
+                        "| a name added to qgpt.FORMATS")
+    a_format: str = opt("int", "activation format (as --w_format)")
+    g_format: str = opt("int", "output-gradient format (as --w_format)")
+    g_rounding: str = opt("nearest", "G's int rounding: nearest (ties to even) | stochastic "
+                          "(unbiased; its generator seeded by --seed)", ["nearest", "stochastic"])
     w_granularity: str = opt("row", "paper recipe: weight scales (row: per output channel)", SCALES)
     a_granularity: str = opt("row", "paper recipe: activation scales (row: per token)", SCALES)
     g_granularity: str = opt("row", "paper recipe: gradient scales (row: per token)", SCALES)
@@ -111,8 +119,9 @@ class Config:
                          ["wgrad", "dgrad", "both"])
     token_group: int = opt(1024, "int8 recipe: tokens a dW scale covers (0: the micro-batch)")
     quantize_head: bool = opt(True, "quantize the LM head too (--preset int8 does not: README)")
-    backend: str = opt("auto", "int8 recipe: sim (PyTorch) | triton (kernels) | auto",
-                       ["auto", "sim", "triton"])
+    backend: str = opt("auto", "sim (PyTorch) | triton (int8 recipe: kernels.py) | scaled_mm "
+                       "(paper recipe, fp8 W and X: torch._scaled_mm) | auto (the fast one the "
+                       "device has)", ["auto", "sim", "triton", "scaled_mm"])
     fuse_quantizers: bool = opt(False, "int8 recipe, --compile: inductor fuses the quantizers")
     diag_interval: int = opt(0, "print a quantization diagnostics table every N steps (0 = off)")
     # optimizer states (QAdamW)
@@ -140,7 +149,7 @@ GRAD_FLOOR = 1e-9  # gradients are tiny: a 1e-5 floor on their absmax would zero
 
 # SEAM: quantizer
 def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None,
-             absmax_floor=ACT_FLOOR):
+             absmax_floor=ACT_FLOOR, rounding=torch.round):
     """Linear quantization of `x` to `bits`-bit signed integer codes (2 <= bits <= 8).
 
     Granularity: which elements share one scale. "tensor": all; "row" (aliases "channel" for a
@@ -157,9 +166,10 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None,
     round(min / scale), codes = clamp(round(x / scale) + zero_point, qmin, qmax); x is recovered as
     (codes - zero_point) * scale. The floor applies to the max (or the range), before the
     division: an all-zero group gets scale = absmax_floor / qmax and codes 0, never 0 / 0 = NaN.
-    Arithmetic in fp32; round() ties to even (torch.round); the clamp happens in float, before the
-    int8 cast. A NaN gives code 0; its group's scale is NaN (a group holding +-inf: scale inf), so
-    the NaN reaches whoever uses the scale.
+    Arithmetic in fp32; round() is `rounding` (torch.round: to nearest, ties to even; the zero
+    point always takes torch.round); the clamp happens in float, before the int8 cast. A NaN
+    gives code 0; its group's scale is NaN (a group holding +-inf: scale inf), so the NaN reaches
+    whoever uses the scale.
     """
     granularity = {"channel": "row", "token": "row"}.get(granularity, granularity)
     if not 2 <= bits <= 8:
@@ -188,12 +198,12 @@ def quantize(x, bits, granularity="tensor", symmetric=True, group_size=None,
         # number: CUDA divides by a number through its reciprocal (1 ulp off); tensors exactly.
         scale = absmax / torch.full_like(absmax, qmax)
         zero_point = None
-        shifted = torch.round(view / scale)
+        shifted = rounding(view / scale)
     else:
         low, high = reduce(torch.amin, view), reduce(torch.amax, view)
         scale = (high - low).clamp(min=absmax_floor) / torch.full_like(low, qmax - qmin)
         zero_point = qmin - torch.round(low / scale)
-        shifted = torch.round(view / scale) + zero_point
+        shifted = rounding(view / scale) + zero_point
     # Clamp while still float: casting 128.0 to int8 would wrap around to -128. A NaN (in x, or in
     # a scale made NaN or inf by its group) gets code 0; the scale keeps the NaN or inf.
     codes = shifted.clamp(qmin, qmax).nan_to_num(0.0).to(torch.int8).view(x.shape)  # fp32 -> int8
@@ -219,16 +229,106 @@ def dequantize(codes, scale, zero_point=None):
     return (q * scale).view(codes.shape)
 
 
-def fake_quantize(x, bits, granularity="tensor", symmetric=True, group_size=None,
-                  absmax_floor=ACT_FLOOR):
-    """dequantize(quantize(x)) in x's dtype: what the paper's simulated matmuls see; x itself for
-    bits >= 16. Not differentiable (detached): the backward of the Function that uses it decides
-    the gradient (PaperLinear's: straight through)."""
-    if bits >= 16:
+# ----------------------------------------------------------------------------------------------
+# Number formats: what one operand (W, X or G) of a matmul becomes. A recipe holds three; whether
+# it quantizes at all is theirs to say (`quantized`), never the bit widths'. A new format is one
+# small class: `quantize(x, generator)` returning dequantize's inputs, and a name in FORMATS.
+
+def round_stochastic(y, generator):
+    """Round fp32 y down or up at random, up with probability y - floor(y) (exact in fp32): the
+    expected value is y itself, so errors average out over steps instead of piling up."""
+    down = torch.floor(y)
+    return down + (torch.rand(y.shape, generator=generator, device=y.device) < y - down).float()
+
+
+class Format:
+    """The base of a quantized format: subclasses define quantize(x, generator) -> (codes,
+    scale, zero_point or None), which `dequantize` maps back."""
+    quantized = True
+
+    def fake_quantize(self, x, generator=None):
+        """dequantize(quantize(x)) in x's dtype: what a simulated matmul sees. Detached: the
+        backward of the Function that uses it decides the gradient (straight through)."""
+        return dequantize(*self.quantize(x.detach(), generator)).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Float(Format):
+    """No quantization: the operand enters its matmul as it is (in the matmul's dtype)."""
+    quantized = False
+
+    def fake_quantize(self, x, generator=None):
         return x
-    codes, scale, zero_point = quantize(x.detach(), bits, granularity, symmetric, group_size,
-                                        absmax_floor)
-    return dequantize(codes, scale, zero_point).to(x.dtype)
+
+    def __str__(self):
+        return "float"
+
+
+@dataclass(frozen=True)
+class IntFormat(Format):
+    """The paper's: `bits`-bit integer codes from `quantize`, one absmax scale per granularity,
+    rounded to nearest or stochastically (round_stochastic, from the recipe's generator)."""
+    bits: int
+    granularity: str = "row"
+    group_size: int = 64
+    symmetric: bool = True
+    floor: float = ACT_FLOOR  # of max|x| (gradients: GRAD_FLOOR)
+    rounding: str = "nearest"  # or "stochastic"
+
+    def quantize(self, x, generator=None):
+        def rounding(y):
+            return torch.round(y) if self.rounding == "nearest" else round_stochastic(y, generator)
+        return quantize(x, self.bits, self.granularity, self.symmetric, self.group_size,
+                        self.floor, rounding)
+
+    def largest_code(self):
+        return 2 ** (self.bits - 1) - 1
+
+    def __str__(self):
+        zero_point = "" if self.symmetric else " asymmetric"
+        return f"int{self.bits} {self.granularity}{zero_point}" + " SR" * (self.rounding != "nearest")
+
+
+@dataclass(frozen=True)
+class Float8(Format):
+    """fp8 values in torch's float8 dtype, simulated: one fp32 scale per tensor, row, or 1 x
+    group_size block of a row (DeepSeek-V3's fine-grained scaling: 1 x 128) maps the absmax to
+    the largest fp8 value; the cast rounds to nearest (ties to even). Subclasses set the dtype."""
+    dtype = None
+    granularity: str = "tensor"
+    group_size: int = 128
+    floor: float = ACT_FLOOR
+
+    def quantize(self, x, generator=None):
+        """(codes: fp8, x's shape; scale: fp32 (1 or R, 1 or groups, 1) against x viewed as (1 or
+        R, groups, elements), as dequantize takes group scales; None)"""
+        if self.granularity not in ("tensor", "row", "channel", "token", "group"):
+            raise ValueError(f"fp8 scales per tensor, row or group, not '{self.granularity}'")
+        rows = 1 if self.granularity == "tensor" else x.shape[0]
+        size = self.group_size if self.granularity == "group" else x.numel() // rows
+        view = x.float().reshape(rows, -1, size)  # (1 | R, groups, elements) fp32
+        top = torch.finfo(self.dtype).max
+        absmax = view.abs().amax(-1, keepdim=True).clamp(min=self.floor)
+        scale = absmax / torch.full_like(absmax, top)  # (1 | R, groups, 1) fp32
+        codes = (view / scale).clamp(-top, top).to(self.dtype)  # clamp in float: no overflow
+        return codes.view(x.shape), scale, None
+
+    def largest_code(self):
+        return torch.finfo(self.dtype).max
+
+    def __str__(self):
+        return f"{type(self).__name__.lower()} {self.granularity}"
+
+
+class E4M3(Float8):
+    dtype = torch.float8_e4m3fn  # 4 exponent bits, 3 mantissa bits: largest 448, no inf
+
+
+class E5M2(Float8):
+    dtype = torch.float8_e5m2  # 5 exponent bits, 2 mantissa bits: largest 57344
+
+
+FORMATS = {"int": IntFormat, "e4m3": E4M3, "e5m2": E5M2}  # --w_format, --a_format, --g_format
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,36 +345,30 @@ def compute_dtype(x):
 @dataclass(frozen=True)
 class PaperRecipe:
     """The paper's simulation (its Section 3): fake quantization, float matmuls.
-      forward  Y  = fq(X, per token) fq(W, per output channel)^T  (granularities are flags)
-      backward dW = fq(G, per token)^T X  and  dX = G W  (--g_matmuls moves or adds fq(G))
+      forward  Y  = fq(X) fq(W)^T   (the formats x and w: by default per token, per output channel)
+      backward dW = fq(G)^T X  and  dX = G W  (--g_matmuls moves or adds fq(G))
     The backward is the straight-through estimator: rounding has zero derivative almost everywhere,
     so the backward takes the quantizers for the identity and multiplies by the saved *unquantized*
     X and W, as the authors' code does (an absmax scale never clips, so no element falls outside
     the range and loses its gradient). It saves no memory and no time: it measures the loss.
+    With backend kernels.Fp8Backend (fp8 W and X, scales per tensor or row) the forward sums the
+    fp8 codes on torch._scaled_mm (fp8 tensor cores on sm89+), then scales: the same values.
     """
-    uses_kernels = False  # no backend of kernels.py
-    wbits: int
-    abits: int
-    gbits: int
-    w_granularity: str
-    a_granularity: str
-    g_granularity: str
-    group_size: int
-    a_asymmetric: bool
-    g_matmuls: str
+    uses_kernels = False  # no int8 kernels
+    backend_op = "fp8_matmul"  # what a backend must have
+    w: Format  # the formats of W, X and G
+    x: Format
+    g: Format
+    g_matmuls: str = "wgrad"
+    generator: object = field(default=None, compare=False)  # stochastic rounding's random bits
+    backend: type = None  # None: simulated; kernels.Fp8Backend
 
     def grad_quantized(self, matmul):
         """Whether the backward matmul `matmul` ('wgrad' or 'dgrad') takes fq(G)."""
-        return self.gbits < 16 and self.g_matmuls in (matmul, "both")
+        return self.g.quantized and self.g_matmuls in (matmul, "both")
 
     def weight_codes(self, weight):
         return None  # W is quantized in each forward: no codes to keep between steps
-
-    def operand_quantizers(self):
-        """{operand: (bits, granularity, floor)} of W, X and G."""
-        return {"W": (self.wbits, self.w_granularity, ACT_FLOOR),
-                "X": (self.abits, self.a_granularity, ACT_FLOOR),
-                "G": (self.gbits, self.g_granularity, GRAD_FLOOR)}
 
     def linear(self, x, weight, bias, weight_codes=None):
         return PaperLinear.apply(x, weight, bias, self)
@@ -286,11 +380,17 @@ class PaperLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, r):
         dtype = compute_dtype(x)
-        x_hat = fake_quantize(x, r.abits, r.a_granularity, not r.a_asymmetric, r.group_size)
-        w_hat = fake_quantize(weight, r.wbits, r.w_granularity, True, r.group_size)
         ctx.recipe, ctx.has_bias, ctx.dtype = r, bias is not None, dtype
         ctx.save_for_backward(x, weight)  # the unquantized ones: the backward goes straight through
-        return F.linear(x_hat.to(dtype), w_hat.to(dtype), None if bias is None else bias.to(dtype))
+        bias = None if bias is None else bias.to(dtype)
+        if r.backend is not None:  # fp8 codes (M, K), (N, K), scales (M or 1, 1), (N or 1, 1)
+            x_codes, x_scale, _ = r.x.quantize(x.detach())
+            w_codes, w_scale, _ = r.w.quantize(weight.detach())
+            return r.backend.fp8_matmul(x_codes, x_scale.reshape(-1, 1), w_codes,
+                                        w_scale.reshape(-1, 1), bias, dtype)
+        x_hat = r.x.fake_quantize(x, r.generator)
+        w_hat = r.w.fake_quantize(weight, r.generator)
+        return F.linear(x_hat.to(dtype), w_hat.to(dtype), bias)
 
     @staticmethod
     # SEAM: straight_through
@@ -300,8 +400,8 @@ class PaperLinear(torch.autograd.Function):
 
         Saved: X (M, K) and W (N, K), unquantized, in their own dtypes; ctx.recipe (r), ctx.dtype
         (the forward's matmul dtype), ctx.has_bias. grad_out: G (M, N).
-          G_hat = fake_quantize(G, r.gbits, r.g_granularity, True, r.group_size, GRAD_FLOOR):
-                  always symmetric (r.a_asymmetric is for X only), with the gradient floor 1e-9
+          G_hat = r.g.fake_quantize(G, r.generator): G's format (symmetric, gradient floor
+                  1e-9 as make_recipe builds it; stochastic rounding draws from r.generator)
           dX = (G_hat if r.grad_quantized("dgrad") else G) @ W         (M, N) @ (N, K)
           dW = (G_hat if r.grad_quantized("wgrad") else G)^T @ X       (N, M) @ (M, K)
           db = sum over the M tokens of the unquantized G, accumulated in W's dtype (fp32 master
@@ -311,7 +411,7 @@ class PaperLinear(torch.autograd.Function):
         r, dtype = ctx.recipe, ctx.dtype
         x, weight = ctx.saved_tensors
         g = grad_out
-        g_hat = fake_quantize(g, r.gbits, r.g_granularity, True, r.group_size, GRAD_FLOOR)
+        g_hat = r.g.fake_quantize(g, r.generator)
         g_dx = g_hat if r.grad_quantized("dgrad") else g
         g_dw = g_hat if r.grad_quantized("wgrad") else g
         grad_x = g_dx.to(dtype) @ weight.to(dtype)  # (M, N) @ (N, K)
@@ -336,16 +436,13 @@ class Int8Recipe:
     (the simulation), or kernels.TritonBackend on int8 tensor cores, to the same bits.
     """
     uses_kernels = True
-    wbits: int
-    abits: int
-    gbits: int
-    token_group: int
-    fuse_quantizers: bool
+    backend_op = "int8_matmul"
+    w: IntFormat  # symmetric, nearest: their bits and floors (their scales: as said above)
+    x: IntFormat
+    g: IntFormat
+    token_group: int = 1024
+    fuse_quantizers: bool = False
     backend: type = kernels.ReferenceBackend
-
-    def operand_quantizers(self):  # diagnostics: their rows (the other axes err alike)
-        return {"W": (self.wbits, "row", ACT_FLOOR), "X": (self.abits, "row", ACT_FLOOR),
-                "G": (self.gbits, "row", GRAD_FLOOR)}
 
     def quantizers(self):
         """Who quantizes: the backend; under torch.compile with fuse_quantizers the PyTorch
@@ -355,7 +452,7 @@ class Int8Recipe:
 
     def weight_codes(self, weight):
         """W's codes: rows (per output channel: forward) and columns (per input feature: dX)."""
-        return self.quantizers().quantize_dual(weight, self.wbits, ACT_FLOOR)
+        return self.quantizers().quantize_dual(weight, self.w.bits, self.w.floor)
 
     def matmul(self, a, b, bias, out_dtype, k_group=0):
         """a @ b^T (+ bias), written in out_dtype, for a = (codes (M, K), scales) and b = (codes
@@ -373,7 +470,7 @@ class Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, r, w_codes, needs_dw):
         # X (M, K) -> row codes (M, K), scales (M, 1); column codes of X^T (K, M), scales (J, K)
-        x_rows, x_cols = r.quantizers().quantize_dual(x, r.abits, ACT_FLOOR, r.token_group,
+        x_rows, x_cols = r.quantizers().quantize_dual(x, r.x.bits, r.x.floor, r.token_group,
                                                       columns=needs_dw)
         w_rows, w_cols = w_codes
         ctx.recipe, ctx.has_bias, ctx.dtypes = r, bias is not None, (x.dtype, weight.dtype)
@@ -388,7 +485,7 @@ class Int8Linear(torch.autograd.Function):
         Saved: X^T's codes (K, M), scales (J, K) per input feature k and token group (None if W
         needs no gradient: then dW is None and G^T is not quantized); W^T's codes (K, N), scales
         (1, K) per input feature. ctx.recipe (r), ctx.has_bias, ctx.dtypes = (X's, W's dtype).
-          G = g (M, N); its codes in one call, r.quantizers().quantize_dual(G, r.gbits, GRAD_FLOOR
+          G = g (M, N); its codes in one call, r.quantizers().quantize_dual(G, r.g.bits, r.g.floor
             (1e-9, never the activation floor), r.token_group, columns=dW needed): rows (M, N),
             scales (M, 1) per token; G^T's codes (N, M), scales (J, N) per channel and token group.
           dX = r.matmul(G's rows, W^T's codes, None, X's dtype): sums over N    (M, K)
@@ -401,7 +498,7 @@ class Int8Linear(torch.autograd.Function):
         r = ctx.recipe
         x_dtype, w_dtype = ctx.dtypes
         xt_codes, xt_scale, wt_codes, wt_scale = ctx.saved_tensors
-        g_rows, g_cols = r.quantizers().quantize_dual(g, r.gbits, GRAD_FLOOR, r.token_group,
+        g_rows, g_cols = r.quantizers().quantize_dual(g, r.g.bits, r.g.floor, r.token_group,
                                                       columns=xt_codes is not None)
         grad_b = g.sum(0, dtype=torch.float32).to(w_dtype) if ctx.has_bias else None
         grad_x = r.matmul(g_rows, (wt_codes, wt_scale), None, x_dtype)  # G per token, W per k
@@ -440,12 +537,12 @@ class QLinear(nn.Linear):
         return y.view(*x.shape[:-1], -1)
 
 
-def quantize_model(model, cfg, backend=kernels.ReferenceBackend):
+def quantize_model(model, cfg, backend=kernels.ReferenceBackend, device="cpu"):
     """Swap every nn.Linear (the LM head too, unless cfg.quantize_head is False) for a QLinear
     with cfg's recipe. The QLinear takes over the same Parameter objects, so the tied wte/lm_head
     weight stays tied and the optimizer and checkpoints see the same parameters. Returns the
     names swapped."""
-    recipe = make_recipe(cfg, backend)
+    recipe = make_recipe(cfg, backend, device)
     swapped = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -947,9 +1044,10 @@ def train(cfg, stop_at=None):
                 if not cfg.skip_nonfinite:
                     history["diverged_at"] = it
                     hint = "; fp16's range? try --dtype bfloat16 or float32" * scaler.is_enabled()
-                    print(f"step {it}: non-finite loss or gradient (recipe {cfg.recipe}, "
-                          f"w{cfg.wbits} a{cfg.abits} g{cfg.gbits} m{cfg.m_bits} v{cfg.v_bits}); "
-                          f"stopped, last good checkpoint kept{hint}")
+                    formats = ", ".join(f"{k} {v}" for k, v in make_formats(cfg).items())
+                    print(f"step {it}: non-finite loss or gradient (recipe {cfg.recipe}: {formats}"
+                          f"; m{cfg.m_bits} v{cfg.v_bits}); stopped, last good checkpoint kept"
+                          f"{hint}")
                     break
                 history["skipped"] += 1
                 print(f"step {it}: non-finite loss or gradient, step skipped "
@@ -1023,15 +1121,18 @@ def operand_hooks(model, record, kind=nn.Linear):
             handle.remove()
 
 
-def quantization_stats(x, bits, granularity="row", absmax_floor=ACT_FLOOR, group_size=None):
-    """One quantization's damage: relative error, codes at the extreme level, nonzeros made 0."""
-    codes, scale, _ = quantize(x, bits, granularity, True, group_size, absmax_floor)
+def quantization_stats(x, fmt):
+    """What format `fmt` does to x: relative error, nonzeros made 0, and (formats with a
+    largest_code) codes at the extreme level. Stochastic rounding draws from its own generator."""
     x = x.float()
-    x_hat = dequantize(codes, scale)
+    codes, scale, zero_point = fmt.quantize(x, torch.Generator(x.device).manual_seed(0))
+    x_hat = dequantize(codes, scale, zero_point)
     nonzero = x != 0
-    return {"rel_err": ((x - x_hat).norm() / x.norm().clamp(min=1e-30)).item(),
-            "saturated": (codes.abs() >= 2 ** (bits - 1) - 1).float().mean().item(),
-            "zeroed": ((x_hat == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1)}
+    stats = {"rel_err": ((x - x_hat).norm() / x.norm().clamp(min=1e-30)).item(),
+             "zeroed": ((x_hat == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1)}
+    if hasattr(fmt, "largest_code"):
+        stats["saturated"] = (codes.float().abs() >= fmt.largest_code()).float().mean().item()
+    return stats
 
 
 @contextmanager
@@ -1044,10 +1145,9 @@ def diagnose(model):
         r, layer = module.recipe, stats.setdefault(name, {})
         pairs = [("W", module.weight.detach()), ("X", t)] if operand == "X" else [("G", t)]
         for what, tensor in pairs:
-            bits, granularity, floor = r.operand_quantizers()[what]
-            if bits < 16 and not (what == "W" and "W" in layer):  # W: once, it holds still
-                layer[what] = quantization_stats(tensor, bits, granularity, floor,
-                                                 getattr(r, "group_size", None))
+            fmt = {"W": r.w, "X": r.x, "G": r.g}[what]
+            if fmt.quantized and not (what == "W" and "W" in layer):  # W: once, it holds still
+                layer[what] = quantization_stats(tensor, fmt)
 
     with operand_hooks(model, record, QLinear):
         yield stats
@@ -1060,7 +1160,8 @@ def diagnostics_table(stats):
     lines = [f"{'layer':28s} {'W err':>8s} {'X err':>8s} {'X sat':>8s} {'G err':>8s} {'G->0':>8s}"]
     for name, layer in stats.items():
         lines.append(f"{name:28s} " + " ".join(
-            f"{layer[op][key]:8.4f}" if op in layer else f"{'-':>8s}" for op, key in columns))
+            f"{layer[op][key]:8.4f}" if key in layer.get(op, {}) else f"{'-':>8s}"
+            for op, key in columns))
     return "\n".join(lines)
 
 
@@ -1104,6 +1205,15 @@ PRESETS = {
     "a4": dict(abits=4, a_granularity="row"), "a4t": dict(abits=4, a_granularity="tensor"),
     "a8col": dict(abits=8, a_granularity="column"),  # per feature over the batch (authors' code)
     "g8": dict(gbits=8, g_granularity="row"), "g8t": dict(gbits=8, g_granularity="tensor"),
+    "g4": dict(gbits=4, g_granularity="row"),
+    "sr": dict(g_rounding="stochastic"),  # with g8 or g4: G rounded stochastically
+    # fp8 (simulated): e4m3 W and X, e5m2 G, per tensor; fp8row: per row; fp8block: 1 x 128
+    "fp8": dict(w_format="e4m3", a_format="e4m3", g_format="e5m2", w_granularity="tensor",
+                a_granularity="tensor", g_granularity="tensor"),
+    "fp8row": dict(w_format="e4m3", a_format="e4m3", g_format="e5m2", w_granularity="row",
+                   a_granularity="row", g_granularity="row"),
+    "fp8block": dict(w_format="e4m3", a_format="e4m3", g_format="e5m2", w_granularity="group",
+                     a_granularity="group", g_granularity="group", group_size=128),
     "w8a8": dict(wbits=8, abits=8, w_granularity="row", a_granularity="row"),
     "w8a8g8": dict(wbits=8, abits=8, gbits=8, w_granularity="row", a_granularity="row",
                    g_granularity="row"),
@@ -1119,10 +1229,16 @@ PRESETS = {
 
 def build_parser(show_defaults=True):
     """argparse from Config. With show_defaults=False, only flags given explicitly are returned."""
+    rules = [f"{', '.join('--' + n for n in names)}: {what}" for names, _, what in RULES]
+    rules += [rule for rule, _ in COMBINATIONS] + [GROUP_RULE]
+    epilog = (textwrap.fill("presets (--preset a,b; each prints what it sets): " +
+                            ", ".join(PRESETS), 96) +
+              "\n\nrules (each checked before any work; a break is a one-line error):\n" +
+              "\n".join(textwrap.fill(rule, 96, initial_indent="  - ", subsequent_indent="    ")
+                        for rule in rules))
     parser = OneLineParser(
         description="qgpt: quantized GPT-2 pre-training. README.md explains the recipes.",
-        epilog="presets (--preset a,b; each prints what it sets): " + ", ".join(PRESETS),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=epilog, formatter_class=HelpFormatter,
         argument_default=None if show_defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         kwargs = dict(help=f.metadata["help"])
@@ -1136,6 +1252,10 @@ def build_parser(show_defaults=True):
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name, **kwargs)
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, the epilog's lines kept."""
 
 
 def parse_config(argv=None):
@@ -1152,6 +1272,8 @@ def parse_config(argv=None):
     return dataclasses.replace(cfg, **given)
 
 
+# Every rule of the flags, in one place (-h prints them). RULES: one flag's value; COMBINATIONS:
+# (the rule, a function giving the flags of a config that break it).
 RULES = [  # (flags, the test each value must pass, what the error says it must be)
     (["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_iters",
       "eval_interval", "log_interval", "state_block_size", "group_size", "num_samples"],
@@ -1162,7 +1284,81 @@ RULES = [  # (flags, the test each value must pass, what the error says it must 
     (["beta1", "beta2", "dropout"], lambda v: 0 <= v < 1, "in [0, 1)"),
     (["wbits", "abits", "gbits"], lambda v: 2 <= v <= 8 or v in (16, 32),
      "in 2..8, or 16/32 for no quantization"),
+    (["w_format", "a_format", "g_format"], lambda v: v in FORMATS,
+     "a name in qgpt.FORMATS: " + ", ".join(FORMATS)),
     (["m_bits", "v_bits"], lambda v: v in (4, 8, 16, 32), "4, 8, 16 or 32"),
+    (["token_group"], lambda v: v == 0 or (v & (v - 1) == 0 and
+                                           kernels.MIN_K_GROUP <= v <= kernels.MAX_K),
+     f"0 or a power of two in {kernels.MIN_K_GROUP}..{kernels.MAX_K}"),
+]
+ROWS = ("row", "channel", "token")
+
+
+def operand_flags(cfg):
+    """Per operand W, X, G: (its flags' letter, bits, format name, granularity, its Format)."""
+    return [(letter, getattr(cfg, f"{letter}bits"), getattr(cfg, f"{letter}_format"),
+             getattr(cfg, f"{letter}_granularity"), fmt)
+            for letter, fmt in zip("wag", make_formats(cfg).values())]
+
+
+def int8_misfits(cfg):
+    """The flags that keep the int8 recipe from running (none for the paper recipe)."""
+    if not RECIPES[cfg.recipe].uses_kernels:
+        return []
+    ops = operand_flags(cfg)
+    return ([f"--{a}_format {f}" for a, _, f, _, _ in ops if FORMATS[f] is not IntFormat] +
+            [f"--{a}_granularity {g}" for a, _, _, g, _ in ops if g not in ROWS] +
+            [f"--{a}bits {b} (a float operand)" for a, b, f, _, fmt in ops
+             if FORMATS[f] is IntFormat and not fmt.quantized] +
+            ["--a_asymmetric"] * cfg.a_asymmetric +
+            [f"--g_rounding {cfg.g_rounding}"] * (cfg.g_rounding != "nearest"))
+
+
+def idle_settings(cfg):
+    """Settings that would change nothing: their operand is not quantized (or not an int)."""
+    (_, _, _, _, x), (_, _, _, _, g) = operand_flags(cfg)[1:]
+    return ([f"--{a}_granularity {gran}" for a, _, _, gran, fmt in operand_flags(cfg)
+             if not fmt.quantized and gran != "row"] +
+            ["--a_asymmetric"] * (cfg.a_asymmetric and not isinstance(x, IntFormat)) +
+            [f"--g_rounding {cfg.g_rounding}"] * (cfg.g_rounding != "nearest" and
+                                                 not isinstance(g, IntFormat)) +
+            [f"--g_matmuls {cfg.g_matmuls}"] * (cfg.g_matmuls != "wgrad" and not g.quantized))
+
+
+def fp8_forward_misfits(cfg):
+    """What keeps --backend scaled_mm from running the forward on fp8 tensor cores."""
+    if cfg.backend != "scaled_mm":
+        return []
+    ops = operand_flags(cfg)[:2]
+    fits = (not RECIPES[cfg.recipe].uses_kernels and
+            all(isinstance(fmt, Float8) and g in ("tensor",) + ROWS for *_, g, fmt in ops))
+    return [] if fits else ["--backend scaled_mm"]
+
+
+COMBINATIONS = [
+    ("--n_embd must be divisible by --n_head",
+     lambda c: [f"--n_embd {c.n_embd}, --n_head {c.n_head}"] * (c.n_embd % c.n_head != 0)),
+    ("the int8 recipe runs int formats of 2..8 bits, symmetric, per row, rounded to nearest "
+     "(--preset int8: 8 bits); anything else needs --recipe paper", int8_misfits),
+    ("an fp8 format (e4m3, e5m2) is 8 bits of its own: leave its --wbits/--abits/--gbits at 32",
+     lambda c: [f"--{a}bits {b} (with --{a}_format {f})" for a, b, f, _, fmt in operand_flags(c)
+                if isinstance(fmt, Float8) and b != 32]),
+    ("an fp8 format scales per tensor, row or 1 x --group_size block of a row, not per column",
+     lambda c: [f"--{a}_granularity column (with --{a}_format {f})"
+                for a, _, f, g, fmt in operand_flags(c) if isinstance(fmt, Float8) and
+                g == "column"]),
+    ("a setting for an operand that is not quantized (or not an int) would change nothing: "
+     "quantize it (its bits or format) or drop the setting", idle_settings),
+    ("--backend triton runs the int8 recipe's kernels: add --recipe int8",
+     lambda c: ["--backend triton"] * (c.backend == "triton" and
+                                       not RECIPES[c.recipe].uses_kernels)),
+    ("--backend scaled_mm runs the paper recipe's forward on torch._scaled_mm: W and X in fp8 "
+     "(--w_format, --a_format e4m3 or e5m2), scaled per tensor or per row", fp8_forward_misfits),
+    ("--fuse_quantizers is for the int8 recipe only: add --recipe int8",
+     lambda c: ["--fuse_quantizers"] * (c.fuse_quantizers and
+                                        not RECIPES[c.recipe].uses_kernels)),
+    ("--fuse_quantizers has inductor fuse the int8 quantizers: add --compile",
+     lambda c: ["--fuse_quantizers"] * (c.fuse_quantizers and not c.compile)),
 ]
 
 
@@ -1172,15 +1368,9 @@ def validate_config(cfg):
         for name in names:
             if not valid(getattr(cfg, name)):
                 raise UserError(f"--{name} must be {what}, got {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    if RECIPES[cfg.recipe].uses_kernels:
-        check_int8_flags(cfg)
-    elif cfg.backend == "triton" or cfg.fuse_quantizers:
-        flag = "--backend triton" if cfg.backend == "triton" else "--fuse_quantizers"
-        raise UserError(f"{flag} is for the int8 recipe only: add --recipe int8")
-    if cfg.fuse_quantizers and not cfg.compile:
-        raise UserError("--fuse_quantizers has inductor fuse the quantizers: add --compile")
+    for rule, broken_by in COMBINATIONS:
+        if broken_by(cfg):
+            raise UserError(f"{', '.join(broken_by(cfg))}: {rule}")
 
 
 def pick_device(name):
@@ -1193,7 +1383,11 @@ def pick_device(name):
 
 
 def select_backend(cfg, device):
-    """The int8 recipe's backend: the Triton kernels on a CUDA GPU with int8 tensor cores."""
+    """The recipe's fast path: the int8 recipe's Triton kernels on a CUDA GPU with int8 tensor
+    cores; the paper recipe's fp8 forward (fp8 W and X, per tensor or row) on torch._scaled_mm
+    where the GPU has fp8 tensor cores. None: the paper recipe's simulation."""
+    if not RECIPES[cfg.recipe].uses_kernels:
+        return select_fp8_backend(cfg, device)
     if cfg.backend == "sim":
         return kernels.ReferenceBackend
     reason = ("no CUDA device" if device.type != "cuda" else
@@ -1209,52 +1403,96 @@ def select_backend(cfg, device):
     return kernels.ReferenceBackend
 
 
-def check_int8_flags(cfg):
-    odd = [f"--{k} {getattr(cfg, k)}" for k in ("w_granularity", "a_granularity", "g_granularity")
-           if getattr(cfg, k) not in ("row", "channel", "token")]
-    if odd or cfg.a_asymmetric:
-        raise UserError(f"the int8 recipe fixes every scale to rows of the matmul operands; "
-                        f"{', '.join(odd) or '--a_asymmetric'} needs --recipe paper")
-    wide = [f"--{k} {getattr(cfg, k)}" for k in ("wbits", "abits", "gbits") if getattr(cfg, k) > 8]
-    if wide:
-        raise UserError(f"the int8 recipe quantizes W, X and G to 2..8 bits (--preset int8: 8); "
-                        f"{', '.join(wide)} (a float operand) needs --recipe paper")
-    g, low = cfg.token_group, kernels.MIN_K_GROUP
-    if g and (g & (g - 1) or not low <= g <= kernels.MAX_K):
-        raise UserError(f"--token_group must be 0 or a power of two in {low}..{kernels.MAX_K}, "
-                        f"got {g}")
+def select_fp8_backend(cfg, device):
+    """kernels.Fp8Backend where torch._scaled_mm runs fp8 tensor cores, or asked for (a CPU runs
+    it too); None (the simulation) otherwise, saying why when W and X are fp8."""
+    w, x = make_formats(cfg)["W"], make_formats(cfg)["X"]
+    if cfg.backend == "sim" or not (isinstance(w, Float8) and isinstance(x, Float8)):
+        return None
+    rowwise = {w.granularity, x.granularity} != {"tensor"}
+    need = (9, 0) if rowwise else (8, 9)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    reason = ("W and X scale per tensor or row" if {w.granularity, x.granularity} - {"tensor"}
+              - set(ROWS) else "no CUDA device" if capability is None else
+              f"fp8 tensor cores with {'row' if rowwise else 'tensor'}-wise scales need "
+              f"sm{need[0]}{need[1]}+" if capability < need else
+              "row-wise scales need --dtype bfloat16" if rowwise and
+              autocast_dtype(cfg, device) != torch.bfloat16 else None)
+    if cfg.backend == "scaled_mm" and reason and capability is not None:
+        raise UserError(f"--backend scaled_mm: {reason}")
+    if reason is None or cfg.backend == "scaled_mm":
+        print("backend: the fp8 forward on torch._scaled_mm" + (f" ({device.type})" if reason
+                                                                 else " (fp8 tensor cores)"))
+        return kernels.Fp8Backend
+    print(f"backend: simulated fp8 ({reason})")
+    return None
+
+
+GROUP_RULE = ("--group_size divides the rows a group granularity splits: a Linear's input width "
+              "for W and X, its output width for G (checked as the model is built)")
 
 
 def check_group_size(recipe, name, linear):
-    """Group scales run along rows: W's and X's rows are the inputs, G's the outputs."""
-    size = getattr(recipe, "group_size", None)
+    """GROUP_RULE: W's and X's rows are the inputs, G's the outputs."""
     widths = (linear.in_features, linear.in_features, linear.out_features)
-    for flag, (bits, granularity, _), width in zip("wag", recipe.operand_quantizers().values(),
-                                                   widths):
-        if granularity == "group" and bits < 16 and width % size:
+    for flag, fmt, width in zip("wag", (recipe.w, recipe.x, recipe.g), widths):
+        size = getattr(fmt, "group_size", None)
+        if fmt.quantized and getattr(fmt, "granularity", None) == "group" and width % size:
             hint = ", or leave the head alone: --no-quantize_head" if name == "lm_head" else ""
             raise UserError(f"--group_size {size} does not divide the width {width} of {name} "
                             f"(--{flag}_granularity group): pick a divisor{hint}")
 
 
-def make_recipe(cfg, backend=None):
-    """cfg's recipe: its class, with the Config fields it names (and the backend given)."""
+def make_format(name, **settings):
+    """FORMATS[name] built with the settings its class takes (its dataclass fields); the int
+    format at 16 or 32 bits is Float(): no quantization."""
+    cls = FORMATS[name]
+    if cls is IntFormat and settings["bits"] > 8:
+        return Float()
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else ()
+    return cls(**{k: v for k, v in settings.items() if k in fields})
+
+
+def make_formats(cfg):
+    """{"W", "X", "G": Format} from cfg's flags. The int8 recipe's scales run along rows."""
+    rows = RECIPES[cfg.recipe].uses_kernels
+    return {"W": make_format(cfg.w_format, bits=cfg.wbits, granularity="row" if rows else
+                             cfg.w_granularity, group_size=cfg.group_size),
+            "X": make_format(cfg.a_format, bits=cfg.abits, granularity="row" if rows else
+                             cfg.a_granularity, group_size=cfg.group_size,
+                             symmetric=not cfg.a_asymmetric),
+            "G": make_format(cfg.g_format, bits=cfg.gbits, granularity="row" if rows else
+                             cfg.g_granularity, group_size=cfg.group_size, floor=GRAD_FLOOR,
+                             rounding=cfg.g_rounding)}
+
+
+def make_recipe(cfg, backend=None, device="cpu"):
+    """cfg's recipe: its class, given cfg's formats, the Config fields it names, the backend, and
+    (stochastic rounding) a generator on `device` seeded by cfg.seed."""
     cls = RECIPES[cfg.recipe]
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name != "backend"}
-    if backend is not None and cls.uses_kernels:
+    formats = make_formats(cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: getattr(cfg, k) for k in names & {f.name for f in dataclasses.fields(Config)}
+              if k != "backend"}
+    values.update(w=formats["W"], x=formats["X"], g=formats["G"])
+    if hasattr(backend, cls.backend_op):
         values["backend"] = backend
+    if "generator" in names and any(getattr(f, "rounding", "") == "stochastic"
+                                    for f in formats.values()):
+        values["generator"] = torch.Generator(device).manual_seed(cfg.seed)
     return cls(**values)
 
 
 def build_model(cfg, vocab_size, device):
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, vocab_size)
-    if min(cfg.wbits, cfg.abits, cfg.gbits) <= 8:
-        backend = select_backend(cfg, device) if RECIPES[cfg.recipe].uses_kernels else None
-        swapped = quantize_model(model, cfg, backend)
+    formats = make_formats(cfg)
+    if any(f.quantized for f in formats.values()):
+        backend = select_backend(cfg, device)
+        swapped = quantize_model(model, cfg, backend, device)
         head = "" if cfg.quantize_head else "; the LM head stays full precision"
-        print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe, w{cfg.wbits} a{cfg.abits} "
-              f"g{cfg.gbits}){head}")
+        print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe: " +
+              ", ".join(f"{k} {v}" for k, v in formats.items()) + f"){head}")
     return model.to(device)
 
 
@@ -1347,11 +1585,19 @@ def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta, 
             "config": dataclasses.asdict(cfg), "iter": it, "best_val": best_val, "meta": meta,
             "rng_cpu": torch.get_rng_state(), "rng_batches": batch_gen.get_state(),
             "scaler": scaler.state_dict() if scaler is not None else {}}
+    if rounding_generator(model) is not None:
+        ckpt["rng_rounding"] = rounding_generator(model).get_state()
     if torch.cuda.is_available():
         ckpt["rng_cuda"] = torch.cuda.get_rng_state_all()
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def rounding_generator(model):
+    """The stochastic-rounding generator the model's QLinears share, or None."""
+    return next((m.recipe.generator for m in model.modules() if isinstance(m, QLinear)
+                 and getattr(m.recipe, "generator", None) is not None), None)
 
 
 def load_checkpoint(path):
@@ -1372,15 +1618,17 @@ def checkpoint_config(ckpt):
     return Config(**{k: v for k, v in ckpt["config"].items() if k in names})
 
 
+FORMAT_KEYS = ["wbits", "abits", "gbits", "w_format", "a_format", "g_format", "w_granularity",
+               "a_granularity", "g_granularity", "group_size", "a_asymmetric", "g_rounding"]
 SHAPE_KEYS = ["n_layer", "n_head", "n_embd", "block_size", "bias"]
 STATE_KEYS = ["m_bits", "v_bits", "m_granularity", "v_granularity", "state_block_size", "v_map"]
 
 
 def linear_keys(cfg):
-    """The flags that decide what the quantized Linears compute: those the recipe reads."""
-    read = [f.name for f in dataclasses.fields(RECIPES[cfg.recipe])]
-    return ["recipe", "quantize_head"] + [k for k in read if k not in ("backend",
-                                                                      "fuse_quantizers")]
+    """The flags that decide what the quantized Linears compute: the formats' and the recipe's."""
+    read = {f.name for f in dataclasses.fields(RECIPES[cfg.recipe])} - {"fuse_quantizers"}
+    return ["recipe", "quantize_head"] + FORMAT_KEYS + [f.name for f in dataclasses.fields(Config)
+                                                        if f.name in read]
 
 
 def check_resume(ckpt, cfg, meta):
@@ -1418,6 +1666,8 @@ def resume(path, cfg, meta, model, optimizer, batch_gen, scaler=None):
         optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng_cpu"])
     batch_gen.set_state(ckpt["rng_batches"])
+    if "rng_rounding" in ckpt and rounding_generator(model) is not None:
+        rounding_generator(model).set_state(ckpt["rng_rounding"])
     if scaler is not None and scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale goes on where it was
     if "rng_cuda" in ckpt and torch.cuda.is_available():

@@ -777,7 +777,7 @@ def test_int8_preset_leaves_the_lm_head_unquantized(tmp_path, capsys):
     assert "lm_head" not in swapped and type(model.lm_head) is torch.nn.Linear, "the int8 preset quantized the head"
     assert len(swapped) == 4 * cfg.n_layer, f"every block Linear must be quantized, got {swapped}"
     qgpt.build_model(cfg, 40, torch.device("cpu"))
-    assert "quantized 4 Linears (int8 recipe, w8 a8 g8); the LM head stays full precision" in capsys.readouterr().out
+    assert "quantized 4 Linears (int8 recipe: W int8 row, X int8 row, G int8 row); the LM head stays full precision" in capsys.readouterr().out
     g = torch.full((1, 50257), 0.9 / 50256)  # softmax - one_hot of a near-uniform prediction
     g[0, 7] = -0.9
     codes = qgpt.quantize(g, 8, "row", absmax_floor=qgpt.GRAD_FLOOR)[0]
@@ -1315,14 +1315,14 @@ def test_sigkill_then_resume_matches(char_data):
     (["--preset", "int8", "--backend", "triton"], "needs a CUDA GPU"),
     (["--preset", "int8", "--token_group", "16"], "--token_group must be 0 or a power of two in 32..65536, got 16"),
     (["--preset", "int8", "--token_group", "96"], "--token_group must be 0 or a power of two in 32..65536, got 96"),
-    (["--preset", "int8", "--a_asymmetric"], "--a_asymmetric needs --recipe paper"),
+    (["--preset", "int8", "--a_asymmetric"], "--a_asymmetric: the int8 recipe runs int formats"),
     pytest.param(["--fuse_quantizers"], "--fuse_quantizers is for the int8 recipe only",
                  id="fuse-without-int8"),  # an id without the substring of the quantizer seam
     (["--preset", "int8", "--fuse_quantizers"], "add --compile"),
     (["--w_granularity", "group", "--group_size", "48", "--wbits", "8"], "does not divide"),
     (["--g_granularity", "group", "--group_size", "24", "--gbits", "8"], "does not divide the width"),
     (["--recipe", "int8", "--g_granularity", "tensor"], "needs --recipe paper"),
-    (["--recipe", "int8", "--wbits", "8", "--abits", "8"], "--gbits 32 (a float operand) needs --recipe paper"),
+    (["--recipe", "int8", "--wbits", "8", "--abits", "8"], "--gbits 32 (a float operand): the int8 recipe runs int formats"),
     (["--w_granularity", "block"], "invalid choice: 'block'"),
     (["--mode", "sample", "--out_dir", "/nonexistent"], "no checkpoint"),
     (["--block_size", "-3"], "--block_size must be a positive integer"),
@@ -1412,7 +1412,7 @@ def test_sample_refuses_a_checkpoint_it_cannot_run(char_data, capsys):
     torch.save(ckpt, path)
     assert qgpt.main(["--mode", "sample", "--out_dir", str(char_data / "out")]) == 2
     err = capsys.readouterr().err
-    assert "--abits 32 (a float operand) needs --recipe paper" in err and err.count("\n") == 1, err
+    assert "--abits 32 (a float operand): the int8 recipe runs int formats" in err and err.count("\n") == 1, err
 
 
 def test_truncated_checkpoint_is_refused(char_data, capsys):

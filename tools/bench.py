@@ -290,8 +290,8 @@ def linear_of(name, cfg, n_in, n_out, device):
     holder = nn.Sequential(nn.Linear(n_in, n_out))
     if name == RUNS[TORCHAO][0]:
         torchao_swap(holder, TORCHAO_MODULE_SWAP[0])
-    elif min(cfg.wbits, cfg.abits, cfg.gbits) <= 8:
-        qgpt.quantize_model(holder, cfg, qgpt.select_backend(cfg, device))
+    elif any(f.quantized for f in qgpt.make_formats(cfg).values()):
+        qgpt.quantize_model(holder, cfg, qgpt.select_backend(cfg, device), device)
     return holder[0]
 
 

@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py
 from prepare_data import OneLineParser, UserError  # noqa: E402
+import qgpt  # noqa: E402
 from tools.study import pyplot  # noqa: E402
 
 
@@ -37,9 +38,10 @@ def label(out_dir, run):
     cfg, name = run["config"], os.path.basename(os.path.normpath(out_dir))
     if not cfg:
         return name
-    quantized = min(cfg["wbits"], cfg["abits"], cfg["gbits"]) <= 8
-    what = (f"{cfg['recipe']} w{cfg['wbits']} a{cfg['abits']} g{cfg['gbits']}" if quantized else
-            "full precision") + (f", Adam m{cfg['m_bits']} v{cfg['v_bits']}"
+    formats = qgpt.make_formats(qgpt.checkpoint_config({"config": cfg}))
+    quantized = any(f.quantized for f in formats.values())
+    what = (f"{cfg['recipe']}: " + ", ".join(f"{k} {v}" for k, v in formats.items()) if quantized
+            else "full precision") + (f", Adam m{cfg['m_bits']} v{cfg['v_bits']}"
                                  if min(cfg["m_bits"], cfg["v_bits"]) < 32 else "")
     return f"{name} ({what}, {run.get('dtype', '?')})"
 

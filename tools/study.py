@@ -116,8 +116,9 @@ def measure_outliers_and_sparsity(model, data, cfg, device):
         x, g = ops["X"], ops["G"]
         col_absmax = x.abs().amax(dim=0)  # per input feature: outlier features stand out here
         ratio = (col_absmax.max() / col_absmax.median()).item()
-        stats = {gran: qgpt.quantization_stats(x, 8, gran) for gran in ("tensor", "row")}
-        gstats = {gran: qgpt.quantization_stats(g, 8, gran, absmax_floor=qgpt.GRAD_FLOOR) for gran in ("tensor", "row")}
+        stats = {gran: qgpt.quantization_stats(x, qgpt.IntFormat(8, gran)) for gran in ("tensor", "row")}
+        gstats = {gran: qgpt.quantization_stats(g, qgpt.IntFormat(8, gran, floor=qgpt.GRAD_FLOOR))
+                  for gran in ("tensor", "row")}
         lines.append(f"{name:28s} {ratio:16.1f} {stats['tensor']['rel_err']:14.4f} {stats['row']['rel_err']:13.4f} "
                      f"{gstats['tensor']['zeroed']:12.3f} {gstats['row']['zeroed']:11.3f}")
     return "\n".join(lines)

@@ -285,8 +285,8 @@ class IntFormat(Format):
         return 2 ** (self.bits - 1) - 1
 
     def __str__(self):
-        zero_point = "" if self.symmetric else " asymmetric"
-        return f"int{self.bits} {self.granularity}{zero_point}" + " SR" * (self.rounding != "nearest")
+        return (f"int{self.bits} {self.granularity}" + " asymmetric" * (not self.symmetric) +
+                " SR" * (self.rounding != "nearest"))
 
 
 @dataclass(frozen=True)
@@ -1207,13 +1207,10 @@ PRESETS = {
     "g8": dict(gbits=8, g_granularity="row"), "g8t": dict(gbits=8, g_granularity="tensor"),
     "g4": dict(gbits=4, g_granularity="row"),
     "sr": dict(g_rounding="stochastic"),  # with g8 or g4: G rounded stochastically
-    # fp8 (simulated): e4m3 W and X, e5m2 G, per tensor; fp8row: per row; fp8block: 1 x 128
-    "fp8": dict(w_format="e4m3", a_format="e4m3", g_format="e5m2", w_granularity="tensor",
-                a_granularity="tensor", g_granularity="tensor"),
-    "fp8row": dict(w_format="e4m3", a_format="e4m3", g_format="e5m2", w_granularity="row",
-                   a_granularity="row", g_granularity="row"),
-    "fp8block": dict(w_format="e4m3", a_format="e4m3", g_format="e5m2", w_granularity="group",
-                     a_granularity="group", g_granularity="group", group_size=128),
+    # fp8: e4m3 W and X, e5m2 G; scales per tensor, per row or per 1 x 128 block of a row
+    **{name: dict(w_format="e4m3", a_format="e4m3", g_format="e5m2", w_granularity=scale,
+                  a_granularity=scale, g_granularity=scale, **extra) for name, scale, extra in [
+        ("fp8", "tensor", {}), ("fp8row", "row", {}), ("fp8block", "group", {"group_size": 128})]},
     "w8a8": dict(wbits=8, abits=8, w_granularity="row", a_granularity="row"),
     "w8a8g8": dict(wbits=8, abits=8, gbits=8, w_granularity="row", a_granularity="row",
                    g_granularity="row"),
@@ -1404,28 +1401,26 @@ def select_backend(cfg, device):
 
 
 def select_fp8_backend(cfg, device):
-    """kernels.Fp8Backend where torch._scaled_mm runs fp8 tensor cores, or asked for (a CPU runs
-    it too); None (the simulation) otherwise, saying why when W and X are fp8."""
+    """kernels.Fp8Backend where torch._scaled_mm runs on fp8 tensor cores (scales per tensor:
+    sm89+; per row: sm90, bf16), or where asked (a CPU runs it too). Else None, the simulation:
+    said in one line when W and X are fp8."""
     w, x = make_formats(cfg)["W"], make_formats(cfg)["X"]
     if cfg.backend == "sim" or not (isinstance(w, Float8) and isinstance(x, Float8)):
         return None
     rowwise = {w.granularity, x.granularity} != {"tensor"}
     need = (9, 0) if rowwise else (8, 9)
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    reason = ("W and X scale per tensor or row" if {w.granularity, x.granularity} - {"tensor"}
-              - set(ROWS) else "no CUDA device" if capability is None else
-              f"fp8 tensor cores with {'row' if rowwise else 'tensor'}-wise scales need "
-              f"sm{need[0]}{need[1]}+" if capability < need else
-              "row-wise scales need --dtype bfloat16" if rowwise and
-              autocast_dtype(cfg, device) != torch.bfloat16 else None)
-    if cfg.backend == "scaled_mm" and reason and capability is not None:
+    gpu = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    reason = ("1 x group_size blocks" if "group" in (w.granularity, x.granularity) else
+              "no CUDA device" if gpu is None else f"fp8 tensor cores need sm{need[0]}{need[1]}+"
+              if gpu < need else "row-wise scales need --dtype bfloat16"
+              if rowwise and autocast_dtype(cfg, device) != torch.bfloat16 else None)
+    if reason and cfg.backend == "scaled_mm" and gpu is not None:
         raise UserError(f"--backend scaled_mm: {reason}")
-    if reason is None or cfg.backend == "scaled_mm":
-        print("backend: the fp8 forward on torch._scaled_mm" + (f" ({device.type})" if reason
-                                                                 else " (fp8 tensor cores)"))
-        return kernels.Fp8Backend
-    print(f"backend: simulated fp8 ({reason})")
-    return None
+    if reason and cfg.backend == "auto":
+        print(f"backend: simulated fp8 ({reason})")
+        return None
+    print(f"backend: the fp8 forward on torch._scaled_mm ({device.type})")
+    return kernels.Fp8Backend
 
 
 GROUP_RULE = ("--group_size divides the rows a group granularity splits: a Linear's input width "

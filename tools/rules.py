@@ -17,9 +17,9 @@ import sys
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGETS = {  # name: (limit, why); each leaves 80 lines or more of room (2026-12-03)
     "line of def quantize": (159, "the idea comes first: a reader meets the quantizer early"),
-    "core path lines (quantizers to sample)": (960, "the core reads in one sitting"),
-    "core path lines with code or docstring": (840, "the same, blank lines aside"),
-    "qgpt.py lines": (1600, "one file a reader can hold; plumbing last"),
+    "core path lines (quantizers to sample)": (1040, "the core reads in one sitting"),
+    "core path lines with code or docstring": (910, "the same, blank lines aside"),
+    "qgpt.py lines": (1850, "one file a reader can hold; plumbing last"),
     "lines over 100 characters": (0, "a rule: wrap the line"),
     "recipe-name comparisons": (0, "a rule: each recipe class knows its own math"),
     "README.md bytes": (20_000, "a first reader's page; the rest has its own pages"),

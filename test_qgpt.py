@@ -869,6 +869,211 @@ def test_diagnostics_table(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Number formats: stochastic rounding, fp8, the flag rules, a format of one's own
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_stochastic_rounding_is_unbiased(symmetric):
+    """IntFormat(rounding="stochastic"): every code is floor(x / scale) or the one above it (plus
+    the zero point), and the mean of n = 4000 roundings of each element equals the element within
+    5 standard errors, scale * sqrt(p (1 - p) / n) with p = frac(x / scale); elements on the grid
+    never move. Round to nearest, floor(y + u - 1/2) or rounding up half the time all fail it.
+    False failure rate: 5 sigma two-sided is 6e-7 per element, 4e-5 for the 64 (the seed is fixed:
+    the run is deterministic)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.empty(64).uniform_(-6.0, 6.0, generator=gen)
+    # 4 bits, scale 1: symmetric absmax 7 / 7; asymmetric (8 - -7) / 15, zero point -8 - -7 = -1
+    # (a range whose zero point rounds would put the top element at 7.5: clamped, biased)
+    x[:6] = torch.tensor([7.0 + (not symmetric), -7.0, 0.0, 3.0, 2.5, -1.25])
+    n = 4000
+    fmt = qgpt.IntFormat(4, "tensor", symmetric=symmetric, floor=qgpt.GRAD_FLOOR,
+                         rounding="stochastic")
+    codes, scale, zero = fmt.quantize(x.expand(n, 64).contiguous(), torch.Generator().manual_seed(1))
+    scale32 = np.float32(1.0)
+    y = x.numpy() / scale32  # fp32, as the quantizer divides
+    down = np.floor(y) + (0.0 if symmetric else float(zero))
+    got = codes.double().numpy()
+    assert float(scale) == 1.0 and (symmetric or float(zero) == -1.0) and \
+        np.isin(got - down, [0.0, 1.0]).all(), \
+        f"stochastic codes must be floor(x / scale) or one more (+ zero point); got offsets " \
+        f"{sorted(set((got - down).ravel().tolist()))[:6]}, scale {float(scale)}"
+    mean = (got.mean(0) - (0.0 if symmetric else float(zero))) * scale32
+    p = y - np.floor(y)
+    stderr = scale32 * np.sqrt(p * (1 - p) / n)
+    off = np.abs(mean - x.numpy()) - 5 * stderr - 1e-6
+    i = int(off.argmax())
+    assert off[i] <= 0, f"the mean of {n} stochastic roundings of x[{i}] = {x[i].item():.6g} is " \
+                        f"{mean[i]:.6g}, {abs(mean[i] - x[i].item()) / max(stderr[i], 1e-12):.1f} " \
+                        f"standard errors off (unbiased: round up with probability frac(x / scale))"
+    again = fmt.quantize(x.expand(n, 64).contiguous(), torch.Generator().manual_seed(1))[0]
+    assert torch.equal(codes, again), "the same generator seed must give the same codes"
+
+
+def test_stochastic_rounding_trains_reproducibly(char_data):
+    """--g_rounding stochastic draws from its own seeded generator: two runs give the same losses,
+    which differ from round to nearest's; the global RNG (dropout) is not consumed by it."""
+    cfg = tiny_cfg(char_data, **qgpt.PRESETS["g4"], **qgpt.PRESETS["sr"], max_iters=6)
+    first, second = qgpt.train(cfg)[1]["losses"], qgpt.train(cfg)[1]["losses"]
+    nearest = qgpt.train(tiny_cfg(char_data, **qgpt.PRESETS["g4"], max_iters=6))[1]["losses"]
+    assert first == second, f"stochastic rounding must be reproducible: {first} vs {second}"
+    assert first[1:] != nearest[1:], "stochastic rounding must change the gradients"
+
+
+FP8_CASES = [("e4m3", "tensor"), ("e4m3", "row"), ("e5m2", "row"), ("e4m3", "group"),
+             ("e5m2", "group")]
+
+
+@pytest.mark.parametrize("kind,granularity", FP8_CASES)
+def test_fp8_codes_are_torchs_cast_of_the_scaled_input(kind, granularity):
+    """Float8: scale = max(absmax, 1e-5) / the format's largest value (448, 57344) per tensor, row
+    or 1 x 8 group, computed here in numpy fp32; the codes are torch's float8 cast of x / scale,
+    bit for bit; dequantized: codes * scale. A row of zeros takes the floor."""
+    dtype = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[kind]
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 32, generator=gen) * torch.logspace(-4, 2, 6).view(6, 1)
+    x[2] = 0.0
+    fmt = qgpt.FORMATS[kind](granularity=granularity, group_size=8)
+    codes, scale, _ = fmt.quantize(x)
+    top = np.float32(torch.finfo(dtype).max)
+    view = x.numpy().reshape({"tensor": (1, 1, -1), "row": (6, 1, -1), "group": (6, 4, 8)}[granularity])
+    want_scale = np.maximum(np.abs(view).max(-1, keepdims=True), np.float32(1e-5)) / top
+    want = torch.from_numpy(view / want_scale).to(dtype).view(6, 32)
+    assert codes.dtype == dtype and scale.shape == want_scale.shape, \
+        f"{kind} {granularity}: codes {codes.dtype}, scale {tuple(scale.shape)}; expected " \
+        f"{dtype}, {want_scale.shape}"
+    problem = _difference(scale, torch.from_numpy(want_scale), "scales") or \
+        _difference(codes.view(torch.uint8), want.view(torch.uint8), "code bits")
+    assert not problem, f"{kind} {granularity}: {problem} (codes: torch's cast of x / scale)"
+    x_hat = fmt.fake_quantize(x)
+    want_hat = (want.float().view(view.shape) * torch.from_numpy(want_scale)).view(6, 32)
+    assert not _difference(x_hat, want_hat, "dequantized"), "fake_quantize: codes * scale"
+
+
+@pytest.mark.parametrize("preset", ["fp8", "fp8row"])
+def test_fp8_forward_on_scaled_mm_equals_the_simulation(preset):
+    """The paper recipe's fp8 forward through kernels.Fp8Backend (torch._scaled_mm, here on the CPU;
+    fp8 tensor cores on sm89+) gives the simulation's output; the backward is the same code, so
+    the gradients are equal. Both sum in fp32 (the simulation after rounding each code * scale to
+    fp32): 1e-5 of the largest output. kernels.fp8_matmul against its reference too."""
+    cfg = Config(**qgpt.PRESETS[preset])
+    x, g = torch.randn(12, 24), torch.randn(12, 16)
+    _, sim = _linear_pair(cfg)
+    _, real = _linear_pair(cfg, backend=kernels.Fp8Backend)
+    assert sim.recipe.backend is None and real.recipe.backend is kernels.Fp8Backend
+    (y0, dx0, dw0, db0), (y1, dx1, dw1, db1) = _grads(sim, x, g), _grads(real, x, g)
+    problem = _difference(y1, y0, "output", atol=1e-5 * y0.abs().max().item()) or \
+        _difference(dx1, dx0, "dX") or _difference(dw1, dw0, "dW") or _difference(db1, db0, "db")
+    assert not problem, f"{preset}: the fp8 forward on torch._scaled_mm: {problem}"
+    a, sa, _ = qgpt.E4M3(granularity="row").quantize(x)
+    b, sb, _ = qgpt.E4M3(granularity="row").quantize(real.weight.detach())
+    want = kernels.fp8_matmul_reference(a, sa.view(-1, 1), b, sb.view(-1, 1))
+    got = kernels.fp8_matmul(a, sa.view(-1, 1), b, sb.view(-1, 1))
+    assert not _difference(got, want, "fp8_matmul", atol=1e-6 * want.abs().max().item())
+
+
+COMBINATION_CASES = [  # (the start of a rule in qgpt.COMBINATIONS, flags that break it alone)
+    ("--n_embd must be divisible", ["--n_embd", "30", "--n_head", "4"]),
+    ("the int8 recipe runs int formats", ["--recipe", "int8", "--g_rounding", "stochastic",
+                                          "--wbits", "8", "--abits", "8", "--gbits", "8"]),
+    ("an fp8 format (e4m3, e5m2) is 8 bits", ["--w_format", "e4m3", "--wbits", "4"]),
+    ("an fp8 format scales per tensor", ["--a_format", "e5m2", "--a_granularity", "column"]),
+    ("a setting for an operand that is not quantized", ["--g_rounding", "stochastic"]),
+    ("--backend triton runs", ["--backend", "triton"]),
+    ("--backend scaled_mm runs", ["--preset", "w8a8", "--backend", "scaled_mm"]),
+    ("--fuse_quantizers is for the int8", ["--fuse_quantizers", "--compile"]),
+    ("--fuse_quantizers has inductor", ["--preset", "int8", "--fuse_quantizers"]),
+]
+
+
+@pytest.mark.parametrize("rule,flags", COMBINATION_CASES, ids=[r[:24] for r, _ in COMBINATION_CASES])
+def test_each_flag_rule_is_one_line_and_in_help(char_data, capsys, rule, flags):
+    """Every rule of qgpt.COMBINATIONS has a case here; breaking it alone gives one line on
+    stderr, exit 2, the rule and the flags that break it; -h prints every rule."""
+    missing = [t for t, _ in qgpt.COMBINATIONS if not any(t.startswith(r) for r, _ in COMBINATION_CASES)]
+    assert not missing, f"every rule in qgpt.COMBINATIONS needs a case here: {missing}"
+    base = ["--data_dir", str(char_data / "data"), "--dataset", "corpus_char", "--max_iters", "1"]
+    assert qgpt.main(base + flags) == 2
+    err = capsys.readouterr().err
+    text = next(t for t, _ in qgpt.COMBINATIONS if t.startswith(rule))
+    assert err.count("\n") == 1 and text in err and err.startswith("error: --"), err
+    with pytest.raises(SystemExit):
+        qgpt.main(["-h"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert text in help_text and qgpt.GROUP_RULE in help_text, f"-h must print the rule: {text}"
+
+
+def _asked(cfg, letter):
+    """Whether cfg's flags ask for operand `letter` (w, a, g) to be quantized at all."""
+    asked = getattr(cfg, f"{letter}bits") <= 8 or getattr(cfg, f"{letter}_format") != "int" or \
+        getattr(cfg, f"{letter}_granularity") != "row"
+    if letter == "a":
+        asked = asked or cfg.a_asymmetric
+    if letter == "g":
+        asked = asked or cfg.g_rounding != "nearest" or cfg.g_matmuls != "wgrad"
+    return asked
+
+
+def test_no_flag_combination_trains_in_full_precision_silently():
+    """Over every format, bits, granularity and operand setting of each operand (the others at
+    their defaults), both recipes: a configuration is refused in one line, or each operand whose
+    flags ask for quantization is quantized and each other one is not."""
+    checked = 0
+    for recipe in ["paper", "int8"]:
+        for letter in "wag":
+            extras = [{}] + ([{"a_asymmetric": True}] if letter == "a" else []) + \
+                ([{"g_rounding": "stochastic"}, {"g_matmuls": "both"}] if letter == "g" else [])
+            for fmt in qgpt.FORMATS:
+                for bits in (4, 8, 32):
+                    for granularity in qgpt.SCALES:
+                        for extra in extras:
+                            cfg = Config(recipe=recipe, group_size=4, **extra, **{
+                                f"{letter}bits": bits, f"{letter}_format": fmt,
+                                f"{letter}_granularity": granularity})
+                            try:
+                                qgpt.validate_config(cfg)
+                            except qgpt.UserError:
+                                continue
+                            formats = qgpt.make_formats(cfg)
+                            for op, key in zip("wag", "WXG"):
+                                assert formats[key].quantized == _asked(cfg, op), \
+                                    f"{cfg.recipe} recipe, {extra} --{letter}bits {bits} " \
+                                    f"--{letter}_format {fmt} --{letter}_granularity " \
+                                    f"{granularity}: {key} is {formats[key]}"
+                            checked += 1
+    assert checked > 100, f"only {checked} configurations ran"
+
+
+def _readme_format_example():
+    """The python block of README.md's 'Modify it' section."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme[readme.index("## Modify it"):]
+    return section[section.index("```python\n") + 10:section.index("```\n", section.index("```python"))]
+
+
+def test_readme_format_example_trains(char_data, monkeypatch, capsys):
+    """README's format (BitNet b1.58's ternary weights, at most 15 lines of class) is what its
+    text says: registered in FORMATS it trains two steps under --w_format ternary, W enters the
+    matmul as -1, 0 or +1 times its mean |W| (computed here), and the run prints the format."""
+    code = _readme_format_example()
+    class_lines = [line for line in code.splitlines() if line.strip()
+                   and not line.startswith(("import", "qgpt.FORMATS"))]
+    assert len(class_lines) <= 15, f"the README's format takes {len(class_lines)} lines"
+    monkeypatch.setattr(qgpt, "FORMATS", dict(qgpt.FORMATS))  # the README's entry leaves with it
+    before = set(qgpt.FORMATS)
+    exec(code, {})
+    name, = set(qgpt.FORMATS) - before
+    model, history = qgpt.train(tiny_cfg(char_data, w_format=name, max_iters=2, eval_interval=2))
+    assert f"W {name}" in capsys.readouterr().out and len(history["losses"]) == 2 and \
+        all(math.isfinite(loss) for loss in history["losses"])
+    layer = model.transformer.h[0].mlp.c_fc
+    w = layer.weight.detach()
+    ternary = (w / w.abs().mean()).round().clamp(-1, 1) * w.abs().mean()
+    x = torch.randn(5, w.shape[1])
+    problem = _difference(layer(x), x @ ternary.t() + layer.bias.detach(), "c_fc's output",
+                          rtol=1e-5, atol=1e-6)  # fp32 matmuls in another order
+    assert not problem, f"--w_format {name}: {problem}"
+
+
+# ----------------------------------------------------------------------------------------------
 # QAdamW
 
 def test_pack4_round_trip():
@@ -1195,10 +1400,11 @@ def test_two_cpu_runs_are_bit_identical(char_data):
     assert first["evals"][-1][2] < first["evals"][0][2], "val loss must fall"
 
 
-@pytest.mark.parametrize("preset", ["baseline", "int8,adam4", "w8a8g8,fp16"])
+@pytest.mark.parametrize("preset", ["baseline", "int8,adam4", "w8a8g8,fp16", "g4,sr"])
 def test_checkpoint_resume_matches_uninterrupted(char_data, preset, monkeypatch):
     """A run stopped at step 10 and resumed gives the uninterrupted run's losses; fp16: with a loss
-    scale that changes every 3 steps, which the checkpoint must carry."""
+    scale that changes every 3 steps, which the checkpoint must carry; sr: the stochastic rounding
+    generator's state, likewise."""
     monkeypatch.setattr(qgpt, "make_scaler", lambda device, dtype: torch.amp.GradScaler(
         device.type, init_scale=2.0 ** 10, growth_interval=3, enabled=dtype == torch.float16))
     over = {k: v for name in preset.split(",") if name != "fp16" for k, v in qgpt.PRESETS[name].items()}

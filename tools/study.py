@@ -42,6 +42,9 @@ GRID = [
     ("w8a8", "combined", "w8a8"), ("w8a8g8", "combined", "w8a8g8"), ("w8a8g8 + m8", "combined", "w8a8g8,m8"),
     ("a8 per-feature", "activations", "a8col"),  # the authors' code's "per-token": scales shared over the batch
     ("int8 recipe", "int8 path", "int8"), ("int8 + adam4", "int8 path", "int8,adam4"),  # what the kernels run
+    # formats beyond the paper: stochastic rounding of G; fp8 (e4m3 W and X, e5m2 G), simulated
+    ("g8 per-token SR", "formats", "g8,sr"), ("g4 per-token", "formats", "g4"), ("g4 per-token SR", "formats", "g4,sr"),
+    ("fp8 per-tensor", "formats", "fp8"), ("fp8 per-row", "formats", "fp8row"),
 ]
 QUICK = ["baseline", "w8 per-channel", "w4 per-channel", "a8 per-token", "a4 per-tensor", "g8 per-token",
          "g8 per-tensor", "v8 linear map", "w8a8g8 + m8"]
@@ -141,7 +144,7 @@ def plot(curves, rows, path):
     plt = pyplot("results.csv is written")
     if plt is None:
         return
-    groups = ["weights", "activations", "gradients", "optimizer", "combined", "int8 path"]
+    groups = ["weights", "activations", "gradients", "optimizer", "combined", "int8 path", "formats"]
     seeds = sorted({r["seed"] for r in rows})
     names = list(dict.fromkeys(r["name"] for r in rows))
 

@@ -39,7 +39,6 @@ that share its scales.
 import math
 import os
 import sys
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -972,14 +971,19 @@ def fp8_matmul_reference(a, a_scale, b, b_scale, bias=None, out_dtype=torch.floa
     return (y if bias is None else y + bias).to(out_dtype)
 
 
+FP8_REFERENCE_SHAPES = set()  # (K, N) that fp8_matmul has said run on its reference
+
+
 def fp8_matmul(a, a_scale, b, b_scale, bias=None, out_dtype=torch.float32):
     """fp8_matmul_reference's result from torch._scaled_mm. Scales per tensor on both sides run
     tensor-wise (sm89+), else both row-wise (sm90; bf16 out). A CUDA shape whose K or N is not a
-    multiple of 16 (the tensor cores' tile) runs the reference, with a warning."""
+    multiple of 16 (the tensor cores' tile) runs the reference, said once."""
     (M, K), N = a.shape, b.shape[0]
     if a.is_cuda and (K % 16 or N % 16):
-        warnings.warn(f"fp8_matmul {M} x {K} x {N}: K and N must be multiples of 16 for "
-                      f"torch._scaled_mm; the reference runs")
+        if (K, N) not in FP8_REFERENCE_SHAPES:  # say it once per shape
+            FP8_REFERENCE_SHAPES.add((K, N))
+            print(f"fp8_matmul: K {K} and N {N} must be multiples of 16 for torch._scaled_mm; "
+                  f"its reference runs them")
         return fp8_matmul_reference(a, a_scale, b, b_scale, bias, out_dtype)
     if a_scale.numel() == b_scale.numel() == 1:
         a_scale, b_scale = a_scale.reshape(()), b_scale.reshape(())

@@ -11,6 +11,7 @@ paper *simulates* quantization; qgpt runs that simulation, and also stores Adam'
     python qgpt.py                                  # CPU baseline, about 2 minutes
     python qgpt.py --wbits 8 --abits 8              # the paper's w8a8 (simulated)
     python qgpt.py --preset int8,adam8              # int8 matmuls, 8-bit Adam states
+    python qgpt.py --preset fp8                     # fp8: e4m3 W and X, e5m2 G (simulated)
     python qgpt.py --mode sample --prompt "ROMEO:"  # sample from out/ckpt.pt
     python qgpt.py -h                               # every flag and preset
     python -m pytest test_qgpt.py                   # the tests (CPU)
@@ -18,12 +19,14 @@ paper *simulates* quantization; qgpt runs that simulation, and also stores Adam'
 How it works:
  1. `quantize` maps a float tensor to integer codes, one scale per tensor, row, column or group:
     scale = absmax / (2^(b-1) - 1), code = clamp(round(x / scale)); dynamic: recomputed each call.
- 2. A Linear runs three matmuls: Y = X W^T, dX = G W, dW = G^T X (G = dL/dY). A recipe says
-    which operands are quantized along which axis: `PaperRecipe` (the paper's simulation; its
-    backward is the straight-through estimator) or `Int8Recipe` (every scale off the summed axis:
+ 2. A number format says what one operand becomes: `IntFormat` (step 1, rounded to nearest or
+    stochastically), `E4M3` / `E5M2` (fp8), `Float` (nothing); FORMATS names them for the flags.
+ 3. A Linear runs three matmuls: Y = X W^T, dX = G W, dW = G^T X (G = dL/dY). A recipe holds a
+    format for each of W, X and G: `PaperRecipe` (the paper's simulation; its backward is the
+    straight-through estimator) or `Int8Recipe` (int formats, every scale off the summed axis:
     int8 kernels compute it exactly). `quantize_model` swaps in `QLinear`s that follow it.
- 3. `QAdamW` is AdamW with its two moments stored as 8- or 4-bit codes.
- 4. `train` is nanoGPT's loop; the plumbing (flags, checks, resuming, processes) comes after it.
+ 4. `QAdamW` is AdamW with its two moments stored as 8- or 4-bit codes.
+ 5. `train` is nanoGPT's loop; the plumbing (flags, checks, resuming, processes) comes after it.
 Course seams: the functions under a `# SEAM: <name>` comment (`python -m tools.course`).
 """
 
@@ -235,8 +238,11 @@ def dequantize(codes, scale, zero_point=None):
 # small class: `quantize(x, generator)` returning dequantize's inputs, and a name in FORMATS.
 
 def round_stochastic(y, generator):
-    """Round fp32 y down or up at random, up with probability y - floor(y) (exact in fp32): the
-    expected value is y itself, so errors average out over steps instead of piling up."""
+    """Round fp32 y down or up at random, up with probability y - floor(y): the expected value is
+    y itself (to fp32's precision of y - floor(y)), so errors average out over steps instead of
+    piling up. Random bits from `generator` only: the run's other random streams stay as they are."""
+    if generator is None:
+        raise ValueError("stochastic rounding draws from a generator of its own: pass one")
     down = torch.floor(y)
     return down + (torch.rand(y.shape, generator=generator, device=y.device) < y - down).float()
 
@@ -276,8 +282,9 @@ class IntFormat(Format):
     rounding: str = "nearest"  # or "stochastic"
 
     def quantize(self, x, generator=None):
-        def rounding(y):
-            return torch.round(y) if self.rounding == "nearest" else round_stochastic(y, generator)
+        def stochastic(y):
+            return round_stochastic(y, generator)
+        rounding = {"nearest": torch.round, "stochastic": stochastic}[self.rounding]
         return quantize(x, self.bits, self.granularity, self.symmetric, self.group_size,
                         self.floor, rounding)
 
@@ -980,6 +987,7 @@ def train(cfg, stop_at=None):
     metrics = open_metrics(cfg, start, model, device, dtype) if rank == 0 else None
     flops_per_step = flops_per_token(model, cfg) * cfg.batch_size * cfg.block_size * cfg.grad_accum
     run_model, step_model = wrap_model(model, cfg, world, device)  # compiled, and DDP
+    rounding = rounding_generator(model)
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))
     history = {"losses": [], "evals": [], "skipped": 0, "scaler_skips": 0, "diverged_at": None,
@@ -1020,6 +1028,8 @@ def train(cfg, stop_at=None):
                                      device)
                     if micro % world != rank:
                         continue  # another process computes this micro-batch
+                    if rounding is not None:  # stochastic rounding: this micro-step's own bits
+                        rounding.manual_seed(hash((cfg.seed, it, micro)) % 2 ** 63)
                     last = micro + world >= cfg.grad_accum  # DDP syncs gradients on the last one
                     with nullcontext() if last or world == 1 else step_model.no_sync():
                         with autocast_context(device, dtype):
@@ -1210,7 +1220,8 @@ PRESETS = {
     # fp8: e4m3 W and X, e5m2 G; scales per tensor, per row or per 1 x 128 block of a row
     **{name: dict(w_format="e4m3", a_format="e4m3", g_format="e5m2", w_granularity=scale,
                   a_granularity=scale, g_granularity=scale, **extra) for name, scale, extra in [
-        ("fp8", "tensor", {}), ("fp8row", "row", {}), ("fp8block", "group", {"group_size": 128})]},
+        ("fp8", "tensor", {}), ("fp8row", "row", {}),
+        ("fp8block", "group", {"group_size": 128, "quantize_head": False})]},  # vocab: not 128s
     "w8a8": dict(wbits=8, abits=8, w_granularity="row", a_granularity="row"),
     "w8a8g8": dict(wbits=8, abits=8, gbits=8, w_granularity="row", a_granularity="row",
                    g_granularity="row"),
@@ -1312,14 +1323,19 @@ def int8_misfits(cfg):
 
 
 def idle_settings(cfg):
-    """Settings that would change nothing: their operand is not quantized (or not an int)."""
-    (_, _, _, _, x), (_, _, _, _, g) = operand_flags(cfg)[1:]
-    return ([f"--{a}_granularity {gran}" for a, _, _, gran, fmt in operand_flags(cfg)
-             if not fmt.quantized and gran != "row"] +
-            ["--a_asymmetric"] * (cfg.a_asymmetric and not isinstance(x, IntFormat)) +
-            [f"--g_rounding {cfg.g_rounding}"] * (cfg.g_rounding != "nearest" and
-                                                 not isinstance(g, IntFormat)) +
-            [f"--g_matmuls {cfg.g_matmuls}"] * (cfg.g_matmuls != "wgrad" and not g.quantized))
+    """Flags set away from their defaults that change nothing: the operand's format does not take
+    them (a float operand takes none; fp8 has bits of its own), or --g_matmuls with G in float."""
+    defaults, idle = Config(), []
+    for a, _, name, _, fmt in operand_flags(cfg):
+        takes = {f.name for f in dataclasses.fields(fmt)} if dataclasses.is_dataclass(fmt) else set()
+        takes |= {"bits"} if FORMATS[name] is IntFormat else set()  # int at 16/32 bits: Float()
+        flags = [(f"{a}bits", "bits"), (f"{a}_granularity", "granularity")] + \
+            {"a": [("a_asymmetric", "symmetric")], "g": [("g_rounding", "rounding")]}.get(a, [])
+        idle += [f"--{flag} {getattr(cfg, flag)}" for flag, field_name in flags
+                 if getattr(cfg, flag) != getattr(defaults, flag) and field_name not in takes]
+    if cfg.g_matmuls != defaults.g_matmuls and not make_formats(cfg)["G"].quantized:
+        idle.append(f"--g_matmuls {cfg.g_matmuls}")
+    return idle
 
 
 def fp8_forward_misfits(cfg):
@@ -1328,7 +1344,7 @@ def fp8_forward_misfits(cfg):
         return []
     ops = operand_flags(cfg)[:2]
     fits = (not RECIPES[cfg.recipe].uses_kernels and
-            all(isinstance(fmt, Float8) and g in ("tensor",) + ROWS for *_, g, fmt in ops))
+            all(isinstance(fmt, E4M3) and g in ("tensor",) + ROWS for *_, g, fmt in ops))
     return [] if fits else ["--backend scaled_mm"]
 
 
@@ -1337,20 +1353,18 @@ COMBINATIONS = [
      lambda c: [f"--n_embd {c.n_embd}, --n_head {c.n_head}"] * (c.n_embd % c.n_head != 0)),
     ("the int8 recipe runs int formats of 2..8 bits, symmetric, per row, rounded to nearest "
      "(--preset int8: 8 bits); anything else needs --recipe paper", int8_misfits),
-    ("an fp8 format (e4m3, e5m2) is 8 bits of its own: leave its --wbits/--abits/--gbits at 32",
-     lambda c: [f"--{a}bits {b} (with --{a}_format {f})" for a, b, f, _, fmt in operand_flags(c)
-                if isinstance(fmt, Float8) and b != 32]),
     ("an fp8 format scales per tensor, row or 1 x --group_size block of a row, not per column",
      lambda c: [f"--{a}_granularity column (with --{a}_format {f})"
                 for a, _, f, g, fmt in operand_flags(c) if isinstance(fmt, Float8) and
                 g == "column"]),
-    ("a setting for an operand that is not quantized (or not an int) would change nothing: "
-     "quantize it (its bits or format) or drop the setting", idle_settings),
+    ("a flag the operand's format does not take would change nothing (a float operand, int at "
+     "16/32 bits, takes none; fp8 has its own 8 bits): drop it, or pick a format that takes it",
+     idle_settings),
     ("--backend triton runs the int8 recipe's kernels: add --recipe int8",
      lambda c: ["--backend triton"] * (c.backend == "triton" and
                                        not RECIPES[c.recipe].uses_kernels)),
-    ("--backend scaled_mm runs the paper recipe's forward on torch._scaled_mm: W and X in fp8 "
-     "(--w_format, --a_format e4m3 or e5m2), scaled per tensor or per row", fp8_forward_misfits),
+    ("--backend scaled_mm runs the paper recipe's forward on torch._scaled_mm: W and X in e4m3 "
+     "(--w_format e4m3 --a_format e4m3), scaled per tensor or per row", fp8_forward_misfits),
     ("--fuse_quantizers is for the int8 recipe only: add --recipe int8",
      lambda c: ["--fuse_quantizers"] * (c.fuse_quantizers and
                                         not RECIPES[c.recipe].uses_kernels)),
@@ -1401,19 +1415,28 @@ def select_backend(cfg, device):
 
 
 def select_fp8_backend(cfg, device):
-    """kernels.Fp8Backend where torch._scaled_mm runs on fp8 tensor cores (scales per tensor:
-    sm89+; per row: sm90, bf16), or where asked (a CPU runs it too). Else None, the simulation:
-    said in one line when W and X are fp8."""
-    w, x = make_formats(cfg)["W"], make_formats(cfg)["X"]
+    """kernels.Fp8Backend where torch._scaled_mm runs on fp8 tensor cores (e4m3 W and X; scales
+    per tensor: sm89+; per row: sm90, bf16), or where asked (a CPU runs it too). Else None, the
+    simulation, said in one line when W and X are fp8."""
+    formats = make_formats(cfg)
+    w, x = formats["W"], formats["X"]
     if cfg.backend == "sim" or not (isinstance(w, Float8) and isinstance(x, Float8)):
         return None
     rowwise = {w.granularity, x.granularity} != {"tensor"}
     need = (9, 0) if rowwise else (8, 9)
     gpu = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    reason = ("1 x group_size blocks" if "group" in (w.granularity, x.granularity) else
-              "no CUDA device" if gpu is None else f"fp8 tensor cores need sm{need[0]}{need[1]}+"
-              if gpu < need else "row-wise scales need --dtype bfloat16"
-              if rowwise and autocast_dtype(cfg, device) != torch.bfloat16 else None)
+    if not (isinstance(w, E4M3) and isinstance(x, E4M3)):
+        reason = "torch._scaled_mm's forward takes e4m3 W and X"
+    elif "group" in (w.granularity, x.granularity):
+        reason = "scales per 1 x group_size block"
+    elif gpu is None:
+        reason = "no CUDA device"
+    elif gpu < need:
+        reason = f"fp8 tensor cores with these scales need sm{need[0]}{need[1]}+"
+    elif rowwise and autocast_dtype(cfg, device) != torch.bfloat16:
+        reason = "row-wise scales need --dtype bfloat16"
+    else:
+        reason = None
     if reason and cfg.backend == "scaled_mm" and gpu is not None:
         raise UserError(f"--backend scaled_mm: {reason}")
     if reason and cfg.backend == "auto":
@@ -1580,8 +1603,6 @@ def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta, 
             "config": dataclasses.asdict(cfg), "iter": it, "best_val": best_val, "meta": meta,
             "rng_cpu": torch.get_rng_state(), "rng_batches": batch_gen.get_state(),
             "scaler": scaler.state_dict() if scaler is not None else {}}
-    if rounding_generator(model) is not None:
-        ckpt["rng_rounding"] = rounding_generator(model).get_state()
     if torch.cuda.is_available():
         ckpt["rng_cuda"] = torch.cuda.get_rng_state_all()
     tmp = path + ".tmp"
@@ -1590,7 +1611,9 @@ def save_checkpoint(path, model, optimizer, cfg, it, best_val, batch_gen, meta, 
 
 
 def rounding_generator(model):
-    """The stochastic-rounding generator the model's QLinears share, or None."""
+    """The stochastic-rounding generator the model's QLinears share, or None. train reseeds it
+    from (seed, step, micro-step) before each micro-batch: every process, and a resumed run,
+    draws the bits an uninterrupted single process would."""
     return next((m.recipe.generator for m in model.modules() if isinstance(m, QLinear)
                  and getattr(m.recipe, "generator", None) is not None), None)
 
@@ -1621,7 +1644,8 @@ STATE_KEYS = ["m_bits", "v_bits", "m_granularity", "v_granularity", "state_block
 
 def linear_keys(cfg):
     """The flags that decide what the quantized Linears compute: the formats' and the recipe's."""
-    read = {f.name for f in dataclasses.fields(RECIPES[cfg.recipe])} - {"fuse_quantizers"}
+    read = {f.name for f in dataclasses.fields(RECIPES[cfg.recipe])} - {"fuse_quantizers",
+                                                                        "backend"}
     return ["recipe", "quantize_head"] + FORMAT_KEYS + [f.name for f in dataclasses.fields(Config)
                                                         if f.name in read]
 
@@ -1661,8 +1685,6 @@ def resume(path, cfg, meta, model, optimizer, batch_gen, scaler=None):
         optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng_cpu"])
     batch_gen.set_state(ckpt["rng_batches"])
-    if "rng_rounding" in ckpt and rounding_generator(model) is not None:
-        rounding_generator(model).set_state(ckpt["rng_rounding"])
     if scaler is not None and scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale goes on where it was
     if "rng_cuda" in ckpt and torch.cuda.is_available():
@@ -1674,6 +1696,9 @@ def resume(path, cfg, meta, model, optimizer, batch_gen, scaler=None):
 def wrap_model(model, cfg, world, device):
     """(the model to evaluate: compiled if asked; the model to step: under torchrun, DDP's)."""
     run_model = model
+    if cfg.compile and rounding_generator(model) is not None:
+        print("torch.compile: stochastic rounding's generator splits the graph at each quantized "
+              "Linear (it runs, compiled in pieces)")
     if cfg.compile:
         try:
             run_model = torch.compile(model)

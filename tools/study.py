@@ -177,6 +177,29 @@ def plot(curves, rows, path):
     print(f"wrote {path}")
 
 
+def markdown_table(rows):
+    """results.csv's rows as a markdown table: per run, the val loss per seed and its mean, the
+    difference to the baseline of the same seed (same initialisation and batches) per seed and its
+    mean, m-sharpness, tokens/s."""
+    seeds = sorted({r["seed"] for r in rows})
+    base = {r["seed"]: float(r["val_loss"]) for r in rows if r["name"] == "baseline"}
+    lines = ["| run | group | final val loss, per seed | mean | paired diff. vs baseline, per seed | "
+             "mean diff. | m-sharpness | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        runs = {r["seed"]: r for r in rows if r["name"] == name}
+        if sorted(runs) != seeds or sorted(base) != seeds:
+            continue  # a row needs every seed, and the baseline of each
+        loss = [float(runs[s]["val_loss"]) for s in seeds]
+        diff = [v - base[s] for v, s in zip(loss, seeds)]
+        sharp = [float(runs[s]["m_sharpness"]) for s in seeds if runs[s]["m_sharpness"] != ""]
+        sharp_text = f"{sum(sharp) / len(sharp):.3f} ({', '.join(f'{v:.3f}' for v in sharp)})" if sharp else "-"
+        speed = sum(float(runs[s]["tokens_per_s"]) for s in seeds) / len(seeds)
+        lines.append(f"| {name} | {runs[seeds[0]]['group']} | {' / '.join(f'{v:.4f}' for v in loss)} | "
+                     f"{sum(loss) / len(loss):.4f} | {' / '.join(f'{v:+.4f}' for v in diff)} | "
+                     f"**{sum(diff) / len(diff):+.4f}** | {sharp_text} | {speed:.0f} |")
+    return "\n".join(lines)
+
+
 def replot(out):
     """Draw the plot again from results.csv and curves.json (no training)."""
     with open(os.path.join(out, "results.csv")) as f:
@@ -200,9 +223,14 @@ def main(argv=None):
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--out", default="study_out", help="output folder")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out's files")
+    parser.add_argument("--table", action="store_true", help="only print --out's results.csv as a markdown table")
     args = parser.parse_args(argv)
     if args.replot:
         replot(args.out)
+        return 0
+    if args.table:
+        with open(os.path.join(args.out, "results.csv")) as f:
+            print(markdown_table([dict(r, seed=int(r["seed"])) for r in csv.DictReader(f)]))
         return 0
     unknown = [name for name in args.only or [] if name not in [g[0] for g in GRID]]
     if unknown:

@@ -240,7 +240,8 @@ def dequantize(codes, scale, zero_point=None):
 def round_stochastic(y, generator):
     """Round fp32 y down or up at random, up with probability y - floor(y): the expected value is
     y itself (to fp32's precision of y - floor(y)), so errors average out over steps instead of
-    piling up. Random bits from `generator` only: the run's other random streams stay as they are."""
+    piling up. Random bits from `generator` only: the run's other random streams stay as they
+    are."""
     if generator is None:
         raise ValueError("stochastic rounding draws from a generator of its own: pass one")
     down = torch.floor(y)
@@ -1327,7 +1328,8 @@ def idle_settings(cfg):
     them (a float operand takes none; fp8 has bits of its own), or --g_matmuls with G in float."""
     defaults, idle = Config(), []
     for a, _, name, _, fmt in operand_flags(cfg):
-        takes = {f.name for f in dataclasses.fields(fmt)} if dataclasses.is_dataclass(fmt) else set()
+        fields = dataclasses.fields(fmt) if dataclasses.is_dataclass(fmt) else ()
+        takes = {f.name for f in fields}
         takes |= {"bits"} if FORMATS[name] is IntFormat else set()  # int at 16/32 bits: Float()
         flags = [(f"{a}bits", "bits"), (f"{a}_granularity", "granularity")] + \
             {"a": [("a_asymmetric", "symmetric")], "g": [("g_rounding", "rounding")]}.get(a, [])

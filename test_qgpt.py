@@ -214,8 +214,10 @@ SEAM_USERS = {  # seam -> the tests that rely on it but are not graded by it (ch
                   "test_straight_through_gradient_flag_changes_only_its_matmul",
                   "test_straight_through_paper_backward_equals_reference",
                   "test_straight_through_runs_in_training", "test_two_cpu_runs_are_bit_identical",
-                  "test_stochastic_rounding_trains_reproducibly"],
+                  "test_stochastic_rounding_trains_reproducibly",
+                  "test_diagnostics_stats_exact_and_float_operands_skipped"],
     "dequant": ["test_fp8_codes_are_torchs_cast_of_the_scaled_input",
+                "test_diagnostics_stats_exact_and_float_operands_skipped",
                 "test_fp8_forward_on_scaled_mm_equals_the_simulation",
                 "test_quantizer_stochastic_rounding_is_unbiased", "test_readme_format_example_trains",
                 "test_stochastic_rounding_trains_reproducibly","test_authors_per_feature_activation_preset",
@@ -876,6 +878,28 @@ def test_diagnostics_table(tmp_path):
     assert not any(m._forward_pre_hooks or m._backward_hooks for m in model.modules()), "hooks removed on exit"
 
 
+
+def test_diagnostics_stats_exact_and_float_operands_skipped(tmp_path):
+    """quantization_stats by hand: 4 bits per tensor, absmax 7 (scale 1): codes -7, 4 (3.5 ties to
+    even), 1, 0 (0.4), 0: one of 5 at the extreme level (|code| >= 7), one nonzero of 4 made 0; the
+    error norm is |(0, 0.5, 0, 0.4, 0)| / |x|. Stochastic rounding's stats draw from their own
+    generator, not the global one. diagnose leaves a float operand's column empty."""
+    x = torch.tensor([[-7.0, 3.5, 1.0, 0.4, 0.0]])
+    stats = qgpt.quantization_stats(x, qgpt.IntFormat(4, "tensor"))
+    want_err = math.sqrt(0.5 ** 2 + 0.4 ** 2) / math.sqrt(49 + 3.5 ** 2 + 1 + 0.4 ** 2)
+    assert stats["saturated"] == np.float32(1 / 5) and stats["zeroed"] == 0.25 and \
+        abs(stats["rel_err"] - want_err) < 1e-6, f"stats {stats}; expected saturated 0.2, zeroed " \
+        f"0.25, rel_err {want_err:.6f} (fp32: 1e-6)"
+    rng = torch.get_rng_state()
+    qgpt.quantization_stats(x, qgpt.IntFormat(4, "tensor", rounding="stochastic"))
+    assert torch.equal(rng, torch.get_rng_state()), "the stats drew from the global RNG"
+    model = qgpt.GPT(tiny_cfg(tmp_path), vocab_size=40)
+    qgpt.quantize_model(model, Config(abits=8))
+    with qgpt.diagnose(model) as layers:
+        model(torch.randint(0, 40, (2, 16)), torch.randint(0, 40, (2, 16)))[1].backward()
+    assert all(set(layer) == {"X"} for layer in layers.values()), \
+        f"W and G are float: only X measured, got {[sorted(layer) for layer in layers.values()]}"
+
 # ----------------------------------------------------------------------------------------------
 # Number formats: stochastic rounding, fp8, the flag rules, a format of one's own
 
@@ -916,17 +940,27 @@ def test_quantizer_stochastic_rounding_is_unbiased(symmetric):
     assert torch.equal(codes, again), "the same generator seed must give the same codes"
 
 
-def test_stochastic_rounding_trains_reproducibly(char_data):
+def test_stochastic_rounding_trains_reproducibly(char_data, capsys, monkeypatch):
     """--g_rounding stochastic draws from its own seeded generator: two runs give the same losses,
     which differ from round to nearest's; the global RNG (dropout's) ends where round to
     nearest's does: stochastic rounding took none of its numbers."""
     cfg = tiny_cfg(char_data, **qgpt.PRESETS["g4"], **qgpt.PRESETS["sr"], max_iters=6, dropout=0.1)
+    seeds = []  # the generator's seed at each rounding: one per micro-step, new for each
+    real = qgpt.round_stochastic
+    monkeypatch.setattr(qgpt, "round_stochastic",
+                        lambda y, generator: seeds.append(generator.initial_seed()) or real(y, generator))
+    qgpt.train(dataclasses.replace(cfg, grad_accum=2, max_iters=3))
+    assert len(seeds) == 3 * 2 * 5 and len(set(seeds)) == 3 * 2, \
+        f"3 steps x 2 micro-steps x 5 Linears: {len(seeds)} roundings from {len(set(seeds))} seeds; " \
+        f"expected 30 from 6 (a seed per step and micro-step, so no two draw the same bits)"
     first = qgpt.train(cfg)[1]["losses"]
     second, rng = qgpt.train(cfg)[1]["losses"], torch.get_rng_state()
     nearest = qgpt.train(dataclasses.replace(cfg, g_rounding="nearest"))[1]["losses"]
     assert first == second, f"stochastic rounding must be reproducible: {first} vs {second}"
     assert first[1:] != nearest[1:], "stochastic rounding must change the gradients"
     assert torch.equal(rng, torch.get_rng_state()), "stochastic rounding drew from the global RNG"
+    out = capsys.readouterr().out
+    assert "(paper recipe: W float, X float, G int4 row SR)" in out, "the run names G's rounding"
 
 
 FP8_CASES = [("e4m3", "tensor"), ("e4m3", "row"), ("e5m2", "row"), ("e4m3", "group"),
@@ -935,18 +969,20 @@ FP8_CASES = [("e4m3", "tensor"), ("e4m3", "row"), ("e5m2", "row"), ("e4m3", "gro
 
 @pytest.mark.parametrize("kind,granularity", FP8_CASES)
 def test_fp8_codes_are_torchs_cast_of_the_scaled_input(kind, granularity):
-    """Float8: scale = max(absmax, 1e-5) / the format's largest value (448, 57344) per tensor, row
+    """Float8: scale = max(absmax, floor) / the format's largest value (448, 57344) per tensor, row
     or 1 x 8 group, computed here in numpy fp32; the codes are torch's float8 cast of x / scale,
-    bit for bit; dequantized: codes * scale. A row of zeros takes the floor."""
+    bit for bit; dequantized: codes * scale. A row of zeros takes the floor, a row of ~1e-7 the
+    format's own floor (1e-5, or G's 1e-9)."""
     dtype = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[kind]
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(6, 32, generator=gen) * torch.logspace(-4, 2, 6).view(6, 1)
-    x[2] = 0.0
-    fmt = qgpt.FORMATS[kind](granularity=granularity, group_size=8)
+    x[2], x[4] = 0.0, x[4] * 1e-9  # zeros; values ~1e-7, below the weights' floor, above G's
+    floor = 1e-9 if kind == "e5m2" else 1e-5  # e5m2 is G's format (its floor 1e-9)
+    fmt = qgpt.FORMATS[kind](granularity=granularity, group_size=8, floor=floor)
     codes, scale, _ = fmt.quantize(x)
     top = np.float32(torch.finfo(dtype).max)
     view = x.numpy().reshape({"tensor": (1, 1, -1), "row": (6, 1, -1), "group": (6, 4, 8)}[granularity])
-    want_scale = np.maximum(np.abs(view).max(-1, keepdims=True), np.float32(1e-5)) / top
+    want_scale = np.maximum(np.abs(view).max(-1, keepdims=True), np.float32(floor)) / top
     want = torch.from_numpy(view / want_scale).to(dtype).view(6, 32)
     assert codes.dtype == dtype and scale.shape == want_scale.shape, \
         f"{kind} {granularity}: codes {codes.dtype}, scale {tuple(scale.shape)}; expected " \
@@ -959,13 +995,15 @@ def test_fp8_codes_are_torchs_cast_of_the_scaled_input(kind, granularity):
     assert not _difference(x_hat, want_hat, "dequantized"), "fake_quantize: codes * scale"
 
 
-@pytest.mark.parametrize("preset", ["fp8", "fp8row"])
+@pytest.mark.parametrize("preset", ["fp8", "fp8row", "fp8,w_row"])
 def test_fp8_forward_on_scaled_mm_equals_the_simulation(preset):
     """The paper recipe's fp8 forward through kernels.Fp8Backend (torch._scaled_mm, here on the CPU;
     fp8 tensor cores on sm89+) gives the simulation's output;
     the backward is the same code. Both sum in fp32 (the simulation after rounding each code *
     scale to fp32): 1e-5 of the largest output. kernels.fp8_matmul against its reference too."""
-    cfg = Config(**qgpt.PRESETS[preset])
+    cfg = Config(**qgpt.PRESETS[preset.split(",")[0]])
+    if preset.endswith("w_row"):  # W per row, X per tensor: each operand its own scales
+        cfg = dataclasses.replace(cfg, w_granularity="row")
     x = torch.randn(12, 24)
     _, sim = _linear_pair(cfg)
     _, real = _linear_pair(cfg, backend=kernels.Fp8Backend)
@@ -975,8 +1013,9 @@ def test_fp8_forward_on_scaled_mm_equals_the_simulation(preset):
     assert not problem, f"{preset}: the fp8 forward on torch._scaled_mm: {problem}"
     a, sa, _ = qgpt.E4M3(granularity="row").quantize(x)
     b, sb, _ = qgpt.E4M3(granularity="row").quantize(real.weight.detach())
-    want = kernels.fp8_matmul_reference(a, sa.view(-1, 1), b, sb.view(-1, 1))
-    got = kernels.fp8_matmul(a, sa.view(-1, 1), b, sb.view(-1, 1))
+    bias = torch.randn(16)
+    want = kernels.fp8_matmul_reference(a, sa.view(-1, 1), b, sb.view(-1, 1), bias)
+    got = kernels.fp8_matmul(a, sa.view(-1, 1), b, sb.view(-1, 1), bias)
     assert not _difference(got, want, "fp8_matmul", atol=1e-6 * want.abs().max().item())
 
 
@@ -986,6 +1025,11 @@ def test_fp8_backend_follows_the_gpu(monkeypatch, capsys):
     it (e4m3 W and X; per tensor sm89+, per row sm90 in bf16), else the simulation, saying why in
     one line; --backend scaled_mm on a GPU that cannot is a one-line error; a CPU simulates."""
     cuda = torch.device("cuda")
+    for preset, scales in [("fp8", "tensor"), ("fp8row", "row"), ("fp8block", "group")]:
+        formats = [str(f) for f in qgpt.make_formats(Config(**qgpt.PRESETS[preset])).values()]
+        assert formats == [f"e4m3 {scales}", f"e4m3 {scales}", f"e5m2 {scales}"], \
+            f"--preset {preset}: e4m3 W and X, e5m2 G, per {scales}; got {formats}"
+    assert not qgpt.PRESETS["fp8block"]["quantize_head"], "fp8block: a vocabulary is rarely 128s"
     cases = [("fp8", (8, 9), {}, kernels.Fp8Backend), ("fp8", (8, 6), {}, "need sm89+"),
              ("fp8row", (9, 0), {}, kernels.Fp8Backend), ("fp8row", (8, 9), {}, "need sm90+"),
              ("fp8row", (9, 0), {"dtype": "float32"}, "need --dtype bfloat16"),
@@ -1005,8 +1049,13 @@ def test_fp8_backend_follows_the_gpu(monkeypatch, capsys):
             if preset != "fp8block" and "a_format" not in extra:
                 with pytest.raises(qgpt.UserError, match=re.escape(want)):
                     qgpt.select_backend(dataclasses.replace(cfg, backend="scaled_mm"), cuda)
-    assert qgpt.select_backend(Config(**qgpt.PRESETS["fp8"]), torch.device("cpu")) is None
+    sim = Config(**qgpt.PRESETS["fp8"], backend="sim")
+    assert qgpt.select_backend(sim, cuda) is None and not capsys.readouterr().out, "--backend sim"
+    cpu = torch.device("cpu")
+    assert qgpt.select_backend(Config(**qgpt.PRESETS["fp8"]), cpu) is None
     assert "simulated fp8 (no CUDA device)" in capsys.readouterr().out
+    forced = Config(**qgpt.PRESETS["fp8"], backend="scaled_mm")
+    assert qgpt.select_backend(forced, cpu) is kernels.Fp8Backend, "a CPU runs torch._scaled_mm when asked"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
@@ -1037,14 +1086,16 @@ COMBINATION_CASES = [  # (the start of a rule in qgpt.COMBINATIONS, flags that b
     ("a flag the operand's format does not take", ["--w_format", "e4m3", "--wbits", "4"]),
     ("--backend triton runs", ["--backend", "triton"]),
     ("--backend scaled_mm runs", ["--preset", "w8a8", "--backend", "scaled_mm"]),
+    ("--backend scaled_mm runs", ["--preset", "fp8", "--a_format", "e5m2", "--backend", "scaled_mm"]),
+    ("--backend scaled_mm runs", ["--preset", "fp8block", "--backend", "scaled_mm"]),
     ("--fuse_quantizers is for the int8", ["--fuse_quantizers", "--compile"]),
     ("--fuse_quantizers has inductor", ["--preset", "int8", "--fuse_quantizers"]),
 ]
 
 
 @pytest.mark.parametrize("rule,flags", COMBINATION_CASES, ids=[  # no seam's name in an id
-    "heads", "int8", "fp8-column", "idle-float", "idle-fp8-bits", "triton", "scaled_mm", "fuse-int8",
-    "fuse-compile"])
+    "heads", "int8", "fp8-column", "idle-float", "idle-fp8-bits", "triton", "scaled_mm-int",
+    "scaled_mm-e5m2", "scaled_mm-block", "fuse-int8", "fuse-compile"])
 def test_each_flag_rule_is_one_line_and_in_help(char_data, capsys, rule, flags):
     """Every rule of qgpt.COMBINATIONS has a case here; breaking it alone gives one line on
     stderr, exit 2, the rule and the flags that break it; -h prints every rule."""
@@ -1077,6 +1128,11 @@ def test_no_flag_combination_trains_in_full_precision_silently():
     their defaults: the paper recipe's, or --preset int8's), both recipes: a configuration is
     refused in one line, or each operand whose flags ask for quantization is quantized and each
     other one is not."""
+    for bits in (2, 8, 16, 32):  # the edges of --wbits are accepted
+        qgpt.validate_config(Config(wbits=bits, abits=bits, gbits=bits))
+    for granularity in ("row", "channel", "token"):  # the int8 recipe's rows, by any name
+        qgpt.validate_config(Config(**{**qgpt.PRESETS["int8"], "w_granularity": granularity,
+                                       "a_granularity": granularity, "g_granularity": granularity}))
     checked = {"paper": 0, "int8": 0}
     for recipe in ["paper", "int8"]:
         for letter in "wag":
@@ -1644,6 +1700,7 @@ def test_a_run_says_it_replaces_a_checkpoint(tmp_path, capsys):
     (dict(n_embd=64, wbits=8), "another model shape (n_embd 32 -> 64)"),  # the shape error names the shape only
     (dict(wbits=8), "another quantization (wbits 32 -> 8)"),
     (dict(m_bits=8), "another quantization (m_bits 32 -> 8)"),
+    (dict(quantize_head=False), "another quantization (quantize_head True -> False)"),
     (dict(dataset="other_char"), "has vocab"),
 ])
 def test_resume_refuses_a_different_run(char_data, capsys, change, message):

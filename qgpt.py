@@ -1347,21 +1347,21 @@ def fp8_forward_misfits(cfg):
     ops = operand_flags(cfg)[:2]
     fits = (not RECIPES[cfg.recipe].uses_kernels and
             all(isinstance(fmt, E4M3) and g in ("tensor",) + ROWS for *_, g, fmt in ops))
-    return [] if fits else ["--backend scaled_mm"]
+    return [] if fits else [f"{cfg.recipe} recipe, W {ops[0][4]}, X {ops[1][4]}"]
 
 
 COMBINATIONS = [
     ("--n_embd must be divisible by --n_head",
      lambda c: [f"--n_embd {c.n_embd}, --n_head {c.n_head}"] * (c.n_embd % c.n_head != 0)),
-    ("the int8 recipe runs int formats of 2..8 bits, symmetric, per row, rounded to nearest "
-     "(--preset int8: 8 bits); anything else needs --recipe paper", int8_misfits),
+    ("the int8 recipe (--preset int8) runs W, X and G in int formats of 2..8 bits, symmetric, per "
+     "row, rounded to nearest; anything else needs --recipe paper", int8_misfits),
     ("an fp8 format scales per tensor, row or 1 x --group_size block of a row, not per column",
      lambda c: [f"--{a}_granularity column (with --{a}_format {f})"
                 for a, _, f, g, fmt in operand_flags(c) if isinstance(fmt, Float8) and
                 g == "column"]),
-    ("a flag the operand's format does not take would change nothing (a float operand, int at "
-     "16/32 bits, takes none; fp8 has its own 8 bits): drop it, or pick a format that takes it",
-     idle_settings),
+    ("a flag the operand's format does not take would change nothing (an operand is float, taking "
+     "none, unless its --wbits/--abits/--gbits is 2..8 or its format e4m3/e5m2; fp8 has its own 8 "
+     "bits): drop it, or give the operand a format that takes it", idle_settings),
     ("--backend triton runs the int8 recipe's kernels: add --recipe int8",
      lambda c: ["--backend triton"] * (c.backend == "triton" and
                                        not RECIPES[c.recipe].uses_kernels)),

@@ -1079,7 +1079,7 @@ def test_fp8_forward_on_tensor_cores_equals_the_reference():
 
 COMBINATION_CASES = [  # (the start of a rule in qgpt.COMBINATIONS, flags that break it alone)
     ("--n_embd must be divisible", ["--n_embd", "30", "--n_head", "4"]),
-    ("the int8 recipe runs int formats", ["--recipe", "int8", "--g_rounding", "stochastic",
+    ("the int8 recipe (--preset int8) runs", ["--recipe", "int8", "--g_rounding", "stochastic",
                                           "--wbits", "8", "--abits", "8", "--gbits", "8"]),
     ("an fp8 format scales per tensor", ["--a_format", "e5m2", "--a_granularity", "column"]),
     ("a flag the operand's format does not take", ["--g_rounding", "stochastic"]),
@@ -1105,7 +1105,7 @@ def test_each_flag_rule_is_one_line_and_in_help(char_data, capsys, rule, flags):
     assert qgpt.main(base + flags) == 2
     err = capsys.readouterr().err
     text = next(t for t, _ in qgpt.COMBINATIONS if t.startswith(rule))
-    assert err.count("\n") == 1 and text in err and err.startswith("error: --"), err
+    assert err.count("\n") == 1 and text in err and err.startswith("error: "), err
     with pytest.raises(SystemExit):
         qgpt.main(["-h"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -1181,12 +1181,15 @@ def test_readme_format_example_trains(char_data, monkeypatch, capsys):
     matmul as -1, 0 or +1 times its mean |W| (computed here), and the run prints the format."""
     code = _readme_format_example()
     class_lines = [line for line in code.splitlines() if line.strip()
-                   and not line.startswith(("import", "qgpt.FORMATS"))]
+                   and not line.startswith(("import", "qgpt.FORMATS", "qgpt.main"))]
     assert len(class_lines) <= 15, f"the README's format takes {len(class_lines)} lines"
     monkeypatch.setattr(qgpt, "FORMATS", dict(qgpt.FORMATS))  # the README's entry leaves with it
+    runs = []
+    monkeypatch.setattr(qgpt, "main", lambda argv=None: runs.append(argv))  # a whole run: below
     before = set(qgpt.FORMATS)
     exec(code, {})
     name, = set(qgpt.FORMATS) - before
+    assert runs == [["--w_format", name]], f"the README's block runs qgpt.main: {runs}"
     model, history = qgpt.train(tiny_cfg(char_data, w_format=name, max_iters=2, eval_interval=2))
     assert f"W {name}" in capsys.readouterr().out and len(history["losses"]) == 2 and \
         all(math.isfinite(loss) for loss in history["losses"])
@@ -1647,14 +1650,14 @@ def test_sigkill_then_resume_matches(char_data):
     (["--preset", "int8", "--backend", "triton"], "needs a CUDA GPU"),
     (["--preset", "int8", "--token_group", "16"], "--token_group must be 0 or a power of two in 32..65536, got 16"),
     (["--preset", "int8", "--token_group", "96"], "--token_group must be 0 or a power of two in 32..65536, got 96"),
-    (["--preset", "int8", "--a_asymmetric"], "--a_asymmetric: the int8 recipe runs int formats"),
+    (["--preset", "int8", "--a_asymmetric"], "--a_asymmetric: the int8 recipe (--preset int8) runs"),
     pytest.param(["--fuse_quantizers"], "--fuse_quantizers is for the int8 recipe only",
                  id="fuse-without-int8"),  # an id without the substring of the quantizer seam
     (["--preset", "int8", "--fuse_quantizers"], "add --compile"),
     (["--w_granularity", "group", "--group_size", "48", "--wbits", "8"], "does not divide"),
     (["--g_granularity", "group", "--group_size", "24", "--gbits", "8"], "does not divide the width"),
     (["--recipe", "int8", "--g_granularity", "tensor"], "needs --recipe paper"),
-    (["--recipe", "int8", "--wbits", "8", "--abits", "8"], "--gbits 32 (a float operand): the int8 recipe runs int formats"),
+    (["--recipe", "int8", "--wbits", "8", "--abits", "8"], "--gbits 32 (a float operand): the int8 recipe (--preset int8) runs"),
     (["--w_granularity", "block"], "invalid choice: 'block'"),
     (["--mode", "sample", "--out_dir", "/nonexistent"], "no checkpoint"),
     (["--block_size", "-3"], "--block_size must be a positive integer"),
@@ -1745,7 +1748,7 @@ def test_sample_refuses_a_checkpoint_it_cannot_run(char_data, capsys):
     torch.save(ckpt, path)
     assert qgpt.main(["--mode", "sample", "--out_dir", str(char_data / "out")]) == 2
     err = capsys.readouterr().err
-    assert "--abits 32 (a float operand): the int8 recipe runs int formats" in err and err.count("\n") == 1, err
+    assert "--abits 32 (a float operand): the int8 recipe (--preset int8) runs" in err and err.count("\n") == 1, err
 
 
 def test_truncated_checkpoint_is_refused(char_data, capsys):

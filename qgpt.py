@@ -1055,8 +1055,8 @@ def train(cfg, stop_at=None):
                 if not cfg.skip_nonfinite:
                     history["diverged_at"] = it
                     hint = "; fp16's range? try --dtype bfloat16 or float32" * scaler.is_enabled()
-                    formats = ", ".join(f"{k} {v}" for k, v in make_formats(cfg).items())
-                    print(f"step {it}: non-finite loss or gradient (recipe {cfg.recipe}: {formats}"
+                    print(f"step {it}: non-finite loss or gradient (recipe {cfg.recipe}: "
+                          f"{formats_text(make_formats(cfg))}"
                           f"; m{cfg.m_bits} v{cfg.v_bits}); stopped, last good checkpoint kept"
                           f"{hint}")
                     break
@@ -1327,7 +1327,8 @@ def idle_settings(cfg):
     """Flags set away from their defaults that change nothing: the operand's format does not take
     them (a float operand takes none; fp8 has bits of its own), or --g_matmuls with G in float."""
     defaults, idle = Config(), []
-    for a, _, name, _, fmt in operand_flags(cfg):
+    ops = operand_flags(cfg)
+    for a, _, name, _, fmt in ops:
         fields = dataclasses.fields(fmt) if dataclasses.is_dataclass(fmt) else ()
         takes = {f.name for f in fields}
         takes |= {"bits"} if FORMATS[name] is IntFormat else set()  # int at 16/32 bits: Float()
@@ -1335,7 +1336,7 @@ def idle_settings(cfg):
             {"a": [("a_asymmetric", "symmetric")], "g": [("g_rounding", "rounding")]}.get(a, [])
         idle += [f"--{flag} {getattr(cfg, flag)}" for flag, field_name in flags
                  if getattr(cfg, flag) != getattr(defaults, flag) and field_name not in takes]
-    if cfg.g_matmuls != defaults.g_matmuls and not make_formats(cfg)["G"].quantized:
+    if cfg.g_matmuls != defaults.g_matmuls and not ops[2][4].quantized:  # G's format
         idle.append(f"--g_matmuls {cfg.g_matmuls}")
     return idle
 
@@ -1486,6 +1487,11 @@ def make_formats(cfg):
                              rounding=cfg.g_rounding)}
 
 
+def formats_text(formats):
+    """{"W": Format, ...} as one line: "W int8 row, X float, G e5m2 tensor"."""
+    return ", ".join(f"{operand} {fmt}" for operand, fmt in formats.items())
+
+
 def make_recipe(cfg, backend=None, device="cpu"):
     """cfg's recipe: its class, given cfg's formats, the Config fields it names, the backend, and
     (stochastic rounding) a generator on `device` seeded by cfg.seed."""
@@ -1512,7 +1518,7 @@ def build_model(cfg, vocab_size, device):
         swapped = quantize_model(model, cfg, backend, device)
         head = "" if cfg.quantize_head else "; the LM head stays full precision"
         print(f"quantized {len(swapped)} Linears ({cfg.recipe} recipe: " +
-              ", ".join(f"{k} {v}" for k, v in formats.items()) + f"){head}")
+              formats_text(formats) + f"){head}")
     return model.to(device)
 
 

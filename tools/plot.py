@@ -38,9 +38,12 @@ def label(out_dir, run):
     cfg, name = run["config"], os.path.basename(os.path.normpath(out_dir))
     if not cfg:
         return name
+    names = [cfg.get(f"{a}_format", "int") for a in "wag"]
+    if any(n not in qgpt.FORMATS for n in names):  # a format registered by the run's own script
+        return f"{name} ({cfg['recipe']}: W {names[0]}, X {names[1]}, G {names[2]})"
     formats = qgpt.make_formats(qgpt.checkpoint_config({"config": cfg}))
     quantized = any(f.quantized for f in formats.values())
-    what = (f"{cfg['recipe']}: " + ", ".join(f"{k} {v}" for k, v in formats.items()) if quantized
+    what = (f"{cfg['recipe']}: " + qgpt.formats_text(formats) if quantized
             else "full precision") + (f", Adam m{cfg['m_bits']} v{cfg['v_bits']}"
                                  if min(cfg["m_bits"], cfg["v_bits"]) < 32 else "")
     return f"{name} ({what}, {run.get('dtype', '?')})"
